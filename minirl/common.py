@@ -1,0 +1,108 @@
+"""Things every part of minirl shares: the user-error type, device and dtype choice,
+atomic file writes, and seeding. Dtypes and devices are decided here and nowhere else."""
+import json
+import os
+import random
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+
+class MinirlError(ValueError):
+    """An error the user caused (bad path, file, field or flag). The message names the
+    file, line, key or flag; entry scripts print it as one line and exit with status 2."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 weights on GPU, fp32 on CPU (CPU bf16 matmuls are slow and inexact)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(name):
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise MinirlError(f"unknown dtype {name!r}; choose one of {sorted(table)}")
+    return table[name]
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_write_text(path, text: str):
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = str(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class AtomicDir:
+    """Build a folder under a temporary name and rename it into place on success.
+
+        with AtomicDir(out_dir) as tmp:
+            ...write files into tmp...
+    A crash inside the block leaves no folder at `out_dir` that looks complete; an
+    existing `out_dir` is replaced only after the new one is fully written."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(str(path))
+
+    def __enter__(self):
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(self.path) + "-")
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if os.path.exists(self.path):
+            old = self.path + ".old-" + os.path.basename(self.tmp)
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+        return False
+
+
+def read_jsonl(path):
+    """Yield (line_number, object) for each non-blank line; a bad line names file and line."""
+    if not os.path.exists(path):
+        raise MinirlError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MinirlError(f"{path}:{i}: not valid JSON ({e.msg})") from None

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="minirl",
+    version="0.1.0",
+    description="Compact pure-PyTorch RL (GRPO family) and distillation for reasoning LLMs, "
+    "with pass@k / accuracy-vs-capability analysis",
+    packages=find_packages(include=["minirl", "minirl.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    # Permissive on purpose: users bring their own (CUDA) torch. CI pins the CPU wheel.
+    install_requires=[
+        "torch>=2.4",
+        "safetensors",
+        "tokenizers>=0.19",
+        "numpy",
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "transformers>=4.45", "accelerate", "gguf",
+                 "jinja2", "sympy", "math-verify", "pyarrow"],
+        "plot": ["matplotlib"],
+        "hub": ["huggingface_hub"],
+        "math": ["math-verify", "sympy"],
+    },
+)

