@@ -13,7 +13,6 @@ import json
 import os
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minirl.common import AtomicDir, MinirlError, default_device, default_dtype, parse_dtype
@@ -74,17 +73,45 @@ def weight_files(folder: str) -> list:
     return [single]
 
 
-def read_weight_shapes(files) -> dict:
-    """name -> (file, shape) from the safetensors headers; reads no tensor data."""
-    state = {}
-    for path in files:
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    state[name] = (path, f.get_slice(name).get_shape())
-        except (SafetensorError, OSError) as e:
-            raise MinirlError(f"{path}: unreadable safetensors file ({e})") from None
-    return state
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_header(path: str) -> tuple:
+    """(header dict name -> {dtype, shape, data_offsets}, byte offset of the data) of a
+    safetensors file: 8 bytes little-endian header length, a JSON header, then the data.
+    Checks that the file is long enough for every tensor (a truncated download fails here)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise MinirlError(f"{path}: unreadable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    start = 8 + n
+    for name, info in header.items():
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise MinirlError(f"{path}: {name} has unsupported dtype {info.get('dtype')}")
+        if start + info["data_offsets"][1] > size:
+            raise MinirlError(f"{path}: file is truncated ({name} ends past the end of the file)")
+    return header, start
+
+
+def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
+    """Read one tensor with a plain file read into fresh memory: no memory map, so the
+    page cache is not counted twice and the weights exist once."""
+    t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+    begin, end = info["data_offsets"]
+    buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
+    if buf is not None:
+        f.seek(data_start + begin)
+        if f.readinto(memoryview(buf)) != end - begin:
+            raise MinirlError(f"{f.name}: short read (truncated file?)")
+    return t
 
 
 def load_model(path, device=None, dtype=None) -> Transformer:
@@ -98,7 +125,8 @@ def load_model(path, device=None, dtype=None) -> Transformer:
         model = Transformer(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     files = weight_files(folder)
-    found = read_weight_shapes(files)
+    headers = {path_: read_safetensors_header(path_) for path_ in files}
+    found = {name: (path_, info["shape"]) for path_, (h, _) in headers.items() for name, info in h.items()}
     if cfg.tie_word_embeddings:
         found.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
     missing = sorted(set(expected) - set(found))
@@ -114,14 +142,11 @@ def load_model(path, device=None, dtype=None) -> Transformer:
         if tuple(shape) != expected[name]:
             raise MinirlError(f"{path_}: {name} has shape {tuple(shape)}, config.json implies {expected[name]}")
     state = {}
-    for path_ in files:
-        try:
-            with safe_open(path_, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name in expected:
-                        state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-        except (SafetensorError, OSError) as e:
-            raise MinirlError(f"{path_}: unreadable safetensors file ({e})") from None
+    for path_, (header, data_start) in headers.items():
+        with open(path_, "rb") as f:
+            for name, info in header.items():
+                if name in expected:
+                    state[name] = read_tensor(f, info, data_start).to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.inv_freq = rope_inverse_frequencies(cfg).to(device)  # buffers are not in the file
     model.source_folder = folder

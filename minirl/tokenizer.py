@@ -179,3 +179,23 @@ def builtin_chat_template(messages, add_generation_prompt: bool, template: str, 
     if add_generation_prompt:
         out += "<|im_start|>assistant\n"
     return out
+
+
+CHAR_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+def char_tokenizer(chars: str) -> Tokenizer:
+    """A character-level tokenizer (one token per character, plus <pad> <bos> <eos> <unk>)
+    stored as a standard tokenizer.json that transformers loads too. Used by the bundled
+    tiny model, whose whole world is arithmetic."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    special = list(CHAR_SPECIAL_TOKENS)
+    vocab = {t: i for i, t in enumerate(special + sorted(set(chars)))}
+    tk = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # every character alone
+    tk.decoder = decoders.Fuse()  # join without spaces
+    tk.add_special_tokens(special)
+    config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    return Tokenizer(tk, config, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})

@@ -1,0 +1,15 @@
+"""minirl's Triton kernels, each beside the PyTorch code that defines it.
+
+    reference.py        the PyTorch definitions (pure torch, importable everywhere):
+                        token log-probs and entropy, the per-chunk forward/backward maths
+                        used by the chunked linear path, and the GRPO per-token loss
+    logprobs.py         Triton kernel 1: token log-probs (+ entropy) from logits [N, V]
+    linear_logprobs.py  kernel 2: log-probs from hidden [N, H] and the lm-head [V, H],
+                        chunked over tokens so memory grows with chunk x V, not N x V
+                        (torch matmuls + the per-chunk maths of reference.py or kernel 1)
+    grpo_loss.py        Triton kernel 3: GRPO clipped surrogate + KL, per token
+
+Nothing here imports triton at package import: `logprobs.py` and `grpo_loss.py` import it
+themselves, and `minirl.losses` (the one dispatch point) imports them only when the Triton
+backend is chosen. So minirl works where triton is absent (macOS, Windows, CPU-only wheels).
+"""

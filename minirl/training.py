@@ -1,0 +1,239 @@
+"""What both training scripts share: the optimizer with fp32 master weights, the learning
+rate schedule, the run folder (resolved arguments, metrics.jsonl, checkpoints with exact
+resume), and the entry-script error convention.
+
+Why fp32 master weights: with bf16 weights an AdamW update of lr 1e-6 (the papers' rate) is
+far below bf16's resolution (~4e-3 relative) and would be rounded away. The model keeps its
+compute dtype; the optimizer keeps an fp32 copy, steps it, and copies it back. For fp32 models
+(CPU) the parameters are stepped directly.
+
+Exact resume: all randomness in the loops comes from generators seeded by (seed, step), and
+the data order by (seed, epoch), so a checkpoint needs only the step, the optimizer (with the
+master weights) and the weights themselves.
+"""
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from minirl.checkpoint import load_model, save_model
+from minirl.common import AtomicDir, MinirlError, atomic_write_json
+
+# ---------------------------------------------------------------- optimizer
+
+
+class MasterAdamW:
+    """AdamW on fp32 copies of the parameters; the model's (bf16) parameters get the result.
+
+    Interface of a torch optimizer where the loops need it: step(), zero_grad(),
+    state_dict(), load_state_dict(), param_groups (for the learning rate)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8):
+        self.params = [p for p in params if p.requires_grad]
+        self.needs_master = any(p.dtype != torch.float32 for p in self.params)
+        if self.needs_master:
+            self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        else:
+            self.master = self.params
+        # No weight decay on norms and biases (1-D), as in nanoGPT / TRL defaults.
+        decay = [m for m, p in zip(self.master, self.params) if p.dim() >= 2]
+        no_decay = [m for m, p in zip(self.master, self.params) if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = all(p.is_cuda for p in self.params) or None
+        self.opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+    @property
+    def param_groups(self):
+        return self.opt.param_groups
+
+    def set_lr(self, lr):
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def step(self):
+        if self.needs_master:
+            for m, p in zip(self.master, self.params):
+                m.grad = None if p.grad is None else p.grad.float()
+        self.opt.step()
+        if self.needs_master:
+            with torch.no_grad():
+                for m, p in zip(self.master, self.params):
+                    p.copy_(m)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+        if self.needs_master:
+            for m in self.master:
+                m.grad = None
+
+    def state_dict(self):
+        sd = {"opt": self.opt.state_dict()}
+        if self.needs_master:
+            sd["master"] = [m.detach().cpu() for m in self.master]
+        return sd
+
+    def load_state_dict(self, sd):
+        self.opt.load_state_dict(sd["opt"])
+        if self.needs_master:
+            with torch.no_grad():
+                for m, p, saved in zip(self.master, self.params, sd["master"]):
+                    m.copy_(saved)
+                    p.copy_(saved)
+
+
+def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant",
+          min_lr_ratio: float = 0.0) -> float:
+    """Linear warmup over `warmup_steps` (step counts from 0), then constant, cosine or linear
+    decay to lr * min_lr_ratio at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        factor = 1 - progress
+    else:
+        raise MinirlError(f"--lr-schedule: unknown schedule {schedule!r} (constant, cosine, linear)")
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * factor)
+
+
+def grad_norm_and_finite(params, max_norm: float):
+    """Clip to max_norm (if > 0) and return (total norm, all finite)."""
+    params = [p for p in params if p.grad is not None]
+    if max_norm and max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))
+    norm = float(norm)
+    return norm, math.isfinite(norm)
+
+
+def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
+    """The generator for one step's randomness: seeded by (seed, step) so a resumed run draws
+    exactly what an uninterrupted one would."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2**63))
+    return g
+
+
+# ---------------------------------------------------------------- run folder
+
+
+class RunDir:
+    """runs/NAME/: args.json, metrics.jsonl, checkpoints/step_NNNNNN (HF folder + trainer_state.pt)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.ckpt_root = os.path.join(self.path, "checkpoints")
+        os.makedirs(self.ckpt_root, exist_ok=True)
+        self.metrics_path = os.path.join(self.path, "metrics.jsonl")
+        self._wandb = None
+        self._tb = None
+
+    def save_args(self, args: dict):
+        atomic_write_json(os.path.join(self.path, "args.json"), args)
+
+    def enable_loggers(self, wandb_project=None, tensorboard=False, run_name=None, config=None):
+        """Optional extra sinks; each needs its package (wandb / tensorboard)."""
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise MinirlError("--wandb-project: the wandb package is not installed") from None
+            self._wandb = wandb.init(project=wandb_project, name=run_name, config=config, dir=self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MinirlError("--tensorboard: the tensorboard package is not installed") from None
+            self._tb = SummaryWriter(os.path.join(self.path, "tb"))
+
+    def log(self, record: dict):
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step")
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+
+    def truncate_metrics(self, after_step: int):
+        """On resume: drop metric lines written after the checkpoint (the run repeats them)."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as f:
+            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
+        from minirl.common import atomic_write_text
+        atomic_write_text(self.metrics_path, "".join(keep))
+
+    def checkpoints(self):
+        return sorted(glob.glob(os.path.join(self.ckpt_root, "step_*")))
+
+    def latest_checkpoint(self):
+        done = [c for c in self.checkpoints() if os.path.exists(os.path.join(c, "trainer_state.pt"))]
+        return done[-1] if done else None
+
+    def save_checkpoint(self, step: int, model, tokenizer, optimizer, extra: dict = None, keep_last: int = 2):
+        """Atomic: the folder appears complete or not at all. Refuses non-finite weights."""
+        out = os.path.join(self.ckpt_root, f"step_{step:06d}")
+        with AtomicDir(out) as tmp:
+            save_model(model, tmp + "/model", tokenizer=tokenizer)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {}},
+                       os.path.join(tmp, "trainer_state.pt"))
+        if keep_last and keep_last > 0:
+            for old in self.checkpoints()[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        return out
+
+
+def load_checkpoint(ckpt_dir: str, device, dtype):
+    """(model, trainer_state) from a checkpoint folder; state loaded with weights_only=True."""
+    state_path = os.path.join(ckpt_dir, "trainer_state.pt")
+    if not os.path.exists(state_path):
+        raise MinirlError(f"{state_path}: not found (incomplete checkpoint?)")
+    model = load_model(os.path.join(ckpt_dir, "model"), device=device, dtype=dtype)
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    return model, state
+
+
+# ---------------------------------------------------------------- entry scripts
+
+
+def run_main(main):
+    """Run an entry script's main(): a MinirlError becomes one line on stderr and exit 2."""
+    try:
+        main()
+    except MinirlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Elapsed time and ETA for a loop of known length (entry scripts print it)."""
+
+    def __init__(self, total: int, done: int = 0):
+        self.total, self.start_done, self.t0 = total, done, time.time()
+
+    def eta(self, done: int) -> str:
+        elapsed = time.time() - self.t0
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        return f"{format_duration(elapsed)} elapsed, ETA {format_duration(left) if rate > 0 else '?'}"
