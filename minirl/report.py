@@ -1,0 +1,786 @@
+r"""The accuracy-vs-capability report: samples files in, report.json / report.md / PNGs out.
+
+This is the analysis half of `evaluate.py` (`python evaluate.py report a.jsonl b.jsonl`):
+sampling is slow and needs a GPU, analysis is cheap and runs on a CPU, so samples are
+written once and analysed as often as wanted. The analysis reproduces Kim et al.
+(arXiv 2505.14216) and the token statistics of Hu et al. (arXiv 2505.21067); the
+numbers themselves are computed in `minirl/metrics.py`.
+
+Samples file (jsonl, UTF-8), one line per sample, written by `evaluate.py sample`:
+
+    {"problem_id": "test/algebra/1",   # str, the problem's id
+     "difficulty": 3,                  # int or null: the task's own level, when known
+     "gold": "\\frac{1}{2}",           # str, the reference answer
+     "sample_index": 0,                # int >= 0, unique within a problem
+     "response": "... \\boxed{1/2}",   # str, the generated text
+     "num_tokens": 412,                # int >= 0, generated tokens
+     "finish_reason": "stop",          # "stop" (stop token) or "length" (hit the limit)
+     "answer": "1/2",                  # str or null: the extracted final answer
+     "correct": true}                  # bool: the grader's verdict
+
+Other keys are allowed and ignored. Blank lines are skipped. Lines of a problem need not
+be adjacent; samples are ordered by sample_index. Every problem must have the same
+number of samples n; `difficulty` and `gold` must agree across a problem's lines.
+Problems keep the order of their first line.
+
+Settings file (optional), beside the samples: the samples path with its extension
+replaced by `.settings.json` (runs/base.jsonl -> runs/base.settings.json;
+runs/base.jsonl.settings.json is read too). A JSON object with at least "model" and
+"n"; this module reads "label" (if present) or "model" (its last path part) as the
+model's name in the report, and copies the whole object into report.json.
+
+Comparing files: the first file (or `reference_index`) is the reference (base) model;
+every other file is compared with it. All files must hold the same problems and the
+same n, otherwise a MinirlError names both files.
+"""
+import collections
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from minirl import metrics
+from minirl.common import MinirlError, atomic_write_json, atomic_write_text, read_jsonl
+
+REPORT_VERSION = 1
+FINISH_REASONS = ("stop", "length")
+
+
+# --------------------------------------------------------------------------- reading
+
+@dataclass
+class Samples:
+    """One samples file as arrays; P problems x n samples, problems in file order.
+
+    correct, num_tokens, truncated: [P, n]; answers, responses: P lists of n
+    (answers str or None); problem_ids, gold, difficulty: [P] lists."""
+    path: str
+    label: str
+    settings: dict
+    problem_ids: list
+    difficulty: list
+    gold: list
+    correct: np.ndarray
+    num_tokens: np.ndarray
+    truncated: np.ndarray
+    answers: list
+    responses: list
+
+    @property
+    def n(self) -> int:
+        return self.correct.shape[1]
+
+    @property
+    def num_problems(self) -> int:
+        return self.correct.shape[0]
+
+    def reordered(self, problem_ids):
+        """The same samples with problems in the order of `problem_ids`."""
+        where = {pid: i for i, pid in enumerate(self.problem_ids)}
+        idx = [where[pid] for pid in problem_ids]
+        return replace(self, problem_ids=list(problem_ids),
+                       difficulty=[self.difficulty[i] for i in idx], gold=[self.gold[i] for i in idx],
+                       correct=self.correct[idx], num_tokens=self.num_tokens[idx],
+                       truncated=self.truncated[idx], answers=[self.answers[i] for i in idx],
+                       responses=[self.responses[i] for i in idx])
+
+
+def settings_path(samples_path):
+    """The settings file beside a samples file, or None when there is none."""
+    root, _ = os.path.splitext(samples_path)
+    for candidate in (root + ".settings.json", samples_path + ".settings.json"):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _read_settings(samples_path):
+    path = settings_path(samples_path)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MinirlError(f"{path}: cannot read the settings file ({e})") from None
+    if not isinstance(obj, dict):
+        raise MinirlError(f"{path}: the settings file must hold a JSON object")
+    return obj
+
+
+def _default_label(path, settings):
+    if settings:
+        if isinstance(settings.get("label"), str) and settings["label"]:
+            return settings["label"]
+        if isinstance(settings.get("model"), str) and settings["model"].strip("/\\"):
+            return os.path.basename(settings["model"].rstrip("/\\"))
+    return _file_stem(path)
+
+
+def _file_stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _lines(path):
+    """read_jsonl, with unreadable files turned into MinirlError."""
+    lineno = 0
+    try:
+        for lineno, obj in read_jsonl(path):
+            yield lineno, obj
+    except OSError as e:
+        raise MinirlError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise MinirlError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+
+
+def _is_int(v):
+    return type(v) is int  # bool is a subclass of int: true/false are not counts
+
+
+def read_samples(path, label=None) -> Samples:
+    """Read and validate a samples file (format in this module's docstring).
+
+    Raises MinirlError naming the file and line for: a missing or unreadable file, a
+    line that is not JSON or not an object, a missing key or a value of the wrong type,
+    a repeated (problem_id, sample_index), a problem whose gold or difficulty changes
+    between lines, problems with different numbers of samples, and an empty file."""
+    path = str(path)
+    pids, sidx, diffs, golds, resp, ntok, trunc, answers, correct, lines = ([] for _ in range(10))
+    for lineno, rec in _lines(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(rec, dict):
+            raise MinirlError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in ("problem_id", "difficulty", "gold", "sample_index", "response",
+                               "num_tokens", "finish_reason", "answer", "correct") if k not in rec]
+        if missing:
+            raise MinirlError(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}")
+        pid, d, fr, a, c = rec["problem_id"], rec["difficulty"], rec["finish_reason"], rec["answer"], rec["correct"]
+        if not isinstance(pid, str):
+            raise MinirlError(f"{where}: 'problem_id' must be a string, got {pid!r}")
+        if d is not None and not _is_int(d):
+            raise MinirlError(f"{where}: 'difficulty' must be an integer or null, got {d!r}")
+        if not isinstance(rec["gold"], str):
+            raise MinirlError(f"{where}: 'gold' must be a string, got {rec['gold']!r}")
+        if not (_is_int(rec["sample_index"]) and rec["sample_index"] >= 0):
+            raise MinirlError(f"{where}: 'sample_index' must be an integer >= 0, got {rec['sample_index']!r}")
+        if not isinstance(rec["response"], str):
+            raise MinirlError(f"{where}: 'response' must be a string")
+        if not (_is_int(rec["num_tokens"]) and rec["num_tokens"] >= 0):
+            raise MinirlError(f"{where}: 'num_tokens' must be an integer >= 0, got {rec['num_tokens']!r}")
+        if fr not in FINISH_REASONS:
+            raise MinirlError(f"{where}: 'finish_reason' must be one of {FINISH_REASONS}, got {fr!r}")
+        if a is not None and not isinstance(a, str):
+            raise MinirlError(f"{where}: 'answer' must be a string or null, got {a!r}")
+        if type(c) is not bool:
+            raise MinirlError(f"{where}: 'correct' must be true or false, got {c!r}")
+        pids.append(pid)
+        sidx.append(rec["sample_index"])
+        diffs.append(d)
+        golds.append(rec["gold"])
+        resp.append(rec["response"])
+        ntok.append(rec["num_tokens"])
+        trunc.append(fr == "length")
+        answers.append(a)
+        correct.append(c)
+        lines.append(lineno)
+    if not pids:
+        raise MinirlError(f"{path}: no samples (empty file)")
+
+    # Group lines by problem (first-appearance order), checking per-problem consistency.
+    rows = {}  # problem_id -> {sample_index: record number}
+    first = {}
+    for r, (pid, si) in enumerate(zip(pids, sidx)):
+        row = rows.get(pid)
+        if row is None:
+            rows[pid] = row = {}
+            first[pid] = r
+        elif diffs[r] != diffs[first[pid]] or golds[r] != golds[first[pid]]:
+            key = "difficulty" if diffs[r] != diffs[first[pid]] else "gold"
+            raise MinirlError(f"{path}:{lines[r]}: problem {pid!r} has a different {key!r} than on line "
+                              f"{lines[first[pid]]}")
+        if si in row:
+            raise MinirlError(f"{path}:{lines[r]}: problem {pid!r} sample_index {si} repeats line {lines[row[si]]}")
+        row[si] = r
+    sizes = {pid: len(row) for pid, row in rows.items()}
+    n = collections.Counter(sizes.values()).most_common(1)[0][0]  # the usual sample count
+    odd = [pid for pid, size in sizes.items() if size != n]
+    if odd:
+        shown = ", ".join(f"{pid!r} has {sizes[pid]}" for pid in odd[:3])
+        raise MinirlError(f"{path}: problems have different numbers of samples: most have {n}, but "
+                          f"{shown}{' ...' if len(odd) > 3 else ''} ({len(odd)} problem(s) differ; "
+                          "an interrupted `evaluate.py sample` can be resumed to complete them)")
+
+    order = np.array([[row[si] for si in sorted(row)] for row in rows.values()])  # [P, n] record numbers
+    settings = _read_settings(path)
+    return Samples(
+        path=path, label=label or _default_label(path, settings), settings=settings,
+        problem_ids=list(rows), difficulty=[diffs[first[pid]] for pid in rows],
+        gold=[golds[first[pid]] for pid in rows],
+        correct=np.array(correct, dtype=bool)[order], num_tokens=np.array(ntok, dtype=np.int64)[order],
+        truncated=np.array(trunc, dtype=bool)[order],
+        answers=[[answers[r] for r in row] for row in order.tolist()],
+        responses=[[resp[r] for r in row] for row in order.tolist()])
+
+
+def _check_compatible(ref: Samples, other: Samples):
+    """Same n and the same problem set, or a MinirlError naming both files."""
+    if other.n != ref.n:
+        raise MinirlError(f"{other.path} has n={other.n} samples per problem but {ref.path} has n={ref.n}; "
+                          "compare samples drawn with the same n")
+    a, b = set(ref.problem_ids), set(other.problem_ids)
+    if a != b:
+        only_ref, only_other = sorted(a - b), sorted(b - a)
+        parts = []
+        if only_ref:
+            parts.append(f"{len(only_ref)} only in {ref.path} (e.g. {only_ref[0]!r})")
+        if only_other:
+            parts.append(f"{len(only_other)} only in {other.path} (e.g. {only_other[0]!r})")
+        raise MinirlError(f"{ref.path} and {other.path} hold different problems: {'; '.join(parts)}")
+
+
+# --------------------------------------------------------------------------- analysis
+
+@dataclass
+class _Model:
+    """Everything computed for one model; arrays are [P] or [P, n] or [K, P]."""
+    samples: Samples
+    counts: np.ndarray        # [P] correct samples per problem
+    rate: np.ndarray          # [P] fraction correct
+    pass_k: np.ndarray        # [K, P]
+    maj_k: np.ndarray         # [K, P]
+    entropy: np.ndarray       # [P] nats, "no answer" counted as an outcome
+    chars: np.ndarray         # [P, n]
+    no_answer: np.ndarray     # [P, n] bool
+    reflection: metrics.PhraseCounts  # per_text reshaped to [P, n]
+    categories: dict          # name -> PhraseCounts (per_text [P, n])
+    words: object             # collections.Counter of all responses' words
+    num_words: int
+
+
+def _analyse(s: Samples, ks, maj_draws, seed, reflection_phrases, categories) -> _Model:
+    P, n = s.correct.shape
+    counts = s.correct.sum(1)
+    classes = metrics.answer_classes(s.answers, s.correct)
+    flat = [r for row in s.responses for r in row]
+    # Lower-case once; words, reflection phrases and token categories all read this form.
+    lowered = [metrics.lowercase_text(r) for r in flat]
+    words = metrics.count_words(lowered, lowercased=True)
+    # One scan for all phrase lists; the reflection list gets a key no category can have.
+    lists = {("reflection",): reflection_phrases, **{("category", k): v for k, v in categories.items()}}
+    found = metrics.count_phrases(lowered, lists, lowercased=True)
+    del lowered
+    for pc in found.values():
+        pc.per_text = pc.per_text.reshape(P, n)
+    return _Model(
+        samples=s, counts=counts, rate=counts / n,
+        pass_k=np.stack([metrics.pass_at_k(n, counts, k) for k in ks]),
+        maj_k=np.stack([metrics.maj_at_k(classes, k, draws=maj_draws, seed=seed) for k in ks]),
+        entropy=metrics.answer_entropy(classes),
+        chars=np.array([len(r) for r in flat], dtype=np.int64).reshape(P, n),
+        no_answer=classes.ids < 0, reflection=found[("reflection",)],
+        categories={k: found[("category", k)] for k in categories},
+        words=words, num_words=sum(words.values()))
+
+
+def _ci(mean, low, high):
+    return {"mean": mean, "ci_low": low, "ci_high": high}
+
+
+def _metric_matrix(m: _Model):
+    """[P, 1 + 2K]: accuracy, pass@k for each k, maj@k for each k (bootstrapped together)."""
+    return np.concatenate([m.rate[:, None], m.pass_k.T, m.maj_k.T], 1)
+
+
+def _unpack_cis(mean, low, high, ks):
+    K = len(ks)
+    pick = lambda i: _ci(mean[i], low[i], high[i])  # noqa: E731
+    return {"accuracy": pick(0),
+            "pass_at_k": {str(k): pick(1 + i) for i, k in enumerate(ks)},
+            "maj_at_k": {str(k): pick(1 + K + i) for i, k in enumerate(ks)}}
+
+
+def _by_correctness(values, correct, groups, num_groups):
+    """{"all", "correct", "incorrect"}: lists over groups."""
+    return {key: list(v) for key, v in metrics.response_means(values, correct, groups, num_groups).items()}
+
+
+def _overall(values, correct):
+    zeros = np.zeros(correct.shape[0], dtype=np.int64)
+    return {key: v[0] for key, v in metrics.response_means(values, correct, zeros, 1).items()}
+
+
+def _group_table(m: _Model, groups, labels, ranges=None):
+    """Per group of problems (bins or levels) for one model."""
+    G = len(labels)
+    s = m.samples
+    rate, count = metrics.group_mean(m.rate, groups, G)
+    solved, _ = metrics.group_mean(m.counts > 0, groups, G)
+    entropy, _ = metrics.group_mean(m.entropy, groups, G)
+    trunc, _ = metrics.group_mean(s.truncated.mean(1), groups, G)
+    tokens = _by_correctness(s.num_tokens, s.correct, groups, G)
+    chars = _by_correctness(m.chars, s.correct, groups, G)
+    refl = _by_correctness(m.reflection.per_text, s.correct, groups, G)
+    rows = []
+    for g in range(G):
+        row = {"group": labels[g]}
+        if ranges is not None:
+            row["low"], row["high"] = ranges[g]
+        row.update({
+            "num_problems": int(count[g]), "success_rate": rate[g], "solved_fraction": solved[g],
+            "answer_entropy": entropy[g], "truncation_rate": trunc[g],
+            "tokens": {k: v[g] for k, v in tokens.items()}, "chars": {k: v[g] for k, v in chars.items()},
+            "reflection_per_response": {k: v[g] for k, v in refl.items()}})
+        rows.append(row)
+    return rows
+
+
+def _model_section(m: _Model, cis, bins, ref_bin, levels, level_idx):
+    s = m.samples
+    total_words = m.num_words
+    num_responses = s.correct.size
+    cats = {}
+    for name, pc in m.categories.items():
+        cats[name] = {
+            "per_1k_words": 1000 * int(pc.per_text.sum()) / max(total_words, 1),
+            "per_response": _overall(pc.per_text, s.correct),
+            "fraction_of_responses": float((pc.per_text > 0).mean()),
+            "phrases_per_1k_words": {p: 1000 * c / max(total_words, 1) for p, c in pc.totals.items()}}
+    return {
+        "label": s.label, "path": s.path, "settings": s.settings,
+        "num_problems": s.num_problems, "n": s.n, **cis,
+        "answer_entropy": float(m.entropy.mean()),
+        "no_answer_rate": float(m.no_answer.mean()), "truncation_rate": float(s.truncated.mean()),
+        "tokens": _overall(s.num_tokens, s.correct), "chars": _overall(m.chars, s.correct),
+        "num_words": total_words, "words_per_response": total_words / num_responses,
+        "reflection": {
+            "per_response": _overall(m.reflection.per_text, s.correct),
+            "fraction_of_responses": float((m.reflection.per_text > 0).mean()),
+            "phrases_per_1k_responses": {p: 1000 * c / num_responses for p, c in m.reflection.totals.items()}},
+        "categories": cats,
+        "by_bin": _group_table(m, ref_bin, metrics.bin_labels(bins), bins),
+        "by_level": None if levels is None else _group_table(m, level_idx, [str(v) for v in levels]),
+    }
+
+
+def _comparison(ref: _Model, other: _Model, delta_cis, bins, ref_bin, levels, level_idx,
+                word_min_count, word_top):
+    labels = metrics.bin_labels(bins)
+    B = len(bins)
+    change = metrics.success_change_by_group(ref.samples.correct, other.samples.correct, ref_bin, B)
+    other_bin = metrics.assign_bins(other.counts, bins)
+    counts, fractions = metrics.transition_matrix(ref_bin, other_bin, B)
+
+    def change_rows(ch, names):
+        return [{"group": names[g], "num_problems": int(ch["num_problems"][g]), "reference_success": ch["reference"][g],
+                 "other_success": ch["other"][g], "change": ch["change"][g]} for g in range(len(names))]
+
+    level_rows = None
+    if levels is not None:
+        ch = metrics.success_change_by_group(ref.samples.correct, other.samples.correct, level_idx, len(levels))
+        level_rows = change_rows(ch, [str(v) for v in levels])
+    r_any, o_any = ref.counts > 0, other.counts > 0
+    return {
+        "reference": ref.samples.label, "other": other.samples.label, "delta": delta_cis,
+        "bins": change_rows(change, labels), "levels": level_rows,
+        "transitions": {"bins": labels, "counts": counts.tolist(), "row_fractions": fractions.tolist()},
+        "solved_at_least_once": {"both": int((r_any & o_any).sum()), "only_reference": int((r_any & ~o_any).sum()),
+                                 "only_other": int((~r_any & o_any).sum()), "neither": int((~r_any & ~o_any).sum())},
+        "word_frequency": metrics.word_log_ratios(ref.words, other.words, min_count=word_min_count, top=word_top),
+    }
+
+
+def _resolve_ks(ks, n):
+    if ks is None:
+        return metrics.default_ks(n)
+    ks = list(ks)
+    if not ks or any(not (_is_int(k) or isinstance(k, np.integer)) or not 1 <= k <= n for k in ks):
+        raise MinirlError(f"--ks: every k must be an integer in 1..n={n}, got {ks}")
+    return sorted({int(k) for k in ks})
+
+
+def _assign_labels(samples, labels):
+    if labels is not None:
+        if len(labels) != len(samples):
+            raise MinirlError(f"--labels: got {len(labels)} labels for {len(samples)} samples files")
+        if len(set(labels)) != len(labels):
+            raise MinirlError(f"--labels: labels must be distinct, got {list(labels)}")
+        for s, lab in zip(samples, labels):
+            s.label = str(lab)
+        return
+    # Default labels come from the settings' model name; two runs of one model (say
+    # two checkpoints saved under the same name) fall back to file names, then numbers.
+    if len({s.label for s in samples}) != len(samples):
+        for s in samples:
+            s.label = _file_stem(s.path)
+    if len({s.label for s in samples}) != len(samples):
+        for i, s in enumerate(samples):
+            s.label = f"{s.label}-{i}"
+
+
+def build_report(sample_files, out_dir, labels=None, reference_index=0, ks=None, bootstrap=1000, seed=0, *,
+                 bin_edges=metrics.PAPER_BIN_EDGES, reflection_phrases=metrics.REFLECTION_PHRASES,
+                 categories=None, maj_draws=500, confidence=0.95, word_min_count=20, word_top=25,
+                 plots=True) -> dict:
+    """Analyse samples files and write report.json, report.md and (with matplotlib) PNGs.
+
+    sample_files: paths of samples files (format in this module's docstring);
+    sample_files[reference_index] is the reference (base) model, every other file is
+    compared with it. labels: names of the models (default: from the settings file, else
+    the file name). ks: the k of pass@k and maj@k (default 1, 2, 4, ..., n).
+    bootstrap: resamples of problems for the confidence intervals (0: none); seed seeds
+    the bootstrap and the maj@k Monte-Carlo draws. bin_edges: upper edges of the
+    difficulty bins for n = 256 (scaled for other n, see metrics.difficulty_bins).
+    reflection_phrases / categories: phrase lists (categories: {name: phrases}, default
+    the anthropomorphic tokens and logical connectors of metrics.py).
+
+    Difficulty bins group problems by the reference model's correct count; when every
+    problem of the reference file has a `difficulty`, the same tables are also given
+    per task level. Returns the report (the content of report.json); all numbers are
+    fractions (0..1), the markdown shows percentages."""
+    files = [str(f) for f in sample_files]
+    if not files:
+        raise MinirlError("report: give at least one samples file")
+    if not (isinstance(reference_index, int) and 0 <= reference_index < len(files)):
+        raise MinirlError(f"--reference: must be in 0..{len(files) - 1}, got {reference_index!r}")
+    if bootstrap < 0:
+        raise MinirlError(f"--bootstrap: must be >= 0, got {bootstrap}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise MinirlError(f"--out: {out_dir} exists and is not a folder")
+    if categories is None:
+        categories = {"anthropomorphic": metrics.ANTHROPOMORPHIC_TOKENS, "connectors": metrics.LOGICAL_CONNECTORS}
+    samples = [read_samples(f) for f in files]
+    _assign_labels(samples, labels)
+    ref_s = samples[reference_index]
+    for s in samples:
+        if s is not ref_s:
+            _check_compatible(ref_s, s)
+    samples = [s if s is ref_s else s.reordered(ref_s.problem_ids) for s in samples]
+    n = ref_s.n
+    ks = _resolve_ks(ks, n)
+
+    models = [_analyse(s, ks, maj_draws, seed, reflection_phrases, categories) for s in samples]
+    ref = models[reference_index]
+    bins = metrics.difficulty_bins(n, bin_edges)
+    ref_bin = metrics.assign_bins(ref.counts, bins)
+    levels = level_idx = None
+    if all(d is not None for d in ref_s.difficulty):
+        levels = sorted(set(ref_s.difficulty))
+        level_idx = np.searchsorted(levels, ref_s.difficulty)
+
+    # Confidence intervals: the same resamples (same seed) for every model, so the
+    # differences to the reference are paired bootstrap intervals.
+    ref_matrix = _metric_matrix(ref)
+    model_sections, comparisons = [], []
+    for i, m in enumerate(models):
+        cis = _unpack_cis(*metrics.bootstrap_ci(_metric_matrix(m), bootstrap, seed, confidence), ks)
+        section = _model_section(m, cis, bins, ref_bin, levels, level_idx)
+        section["reference"] = i == reference_index
+        model_sections.append(section)
+        if i != reference_index:
+            delta = _unpack_cis(*metrics.bootstrap_ci(_metric_matrix(m) - ref_matrix, bootstrap, seed, confidence), ks)
+            comparisons.append(_comparison(ref, m, delta, bins, ref_bin, levels, level_idx,
+                                           word_min_count, word_top))
+
+    report = {
+        "minirl_report": REPORT_VERSION,
+        "reference": ref_s.label,
+        "settings": {"ks": ks, "bootstrap": bootstrap, "confidence": confidence, "seed": seed,
+                     "maj_draws": maj_draws, "bins": metrics.bin_labels(bins), "bin_edges": list(bin_edges),
+                     "reflection_phrases": list(reflection_phrases),
+                     "categories": {k: list(v) for k, v in categories.items()},
+                     "word_min_count": word_min_count},
+        "models": model_sections,
+        "comparisons": comparisons,
+        "problems": {
+            "ids": ref_s.problem_ids, "difficulty": ref_s.difficulty, "reference_bin": ref_bin.tolist(),
+            "correct_counts": {m.samples.label: m.counts.tolist() for m in models},
+            "answer_entropy": {m.samples.label: m.entropy.tolist() for m in models}},
+        "figures": [],
+    }
+    report = _jsonable(report)
+    os.makedirs(out_dir, exist_ok=True)
+    if plots:
+        report["figures"] = write_figures(report, out_dir)
+    atomic_write_json(os.path.join(out_dir, "report.json"), report)
+    atomic_write_text(os.path.join(out_dir, "report.md"), render_markdown(report))
+    return report
+
+
+def _jsonable(x):
+    """numpy -> python; NaN and infinities -> None (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    return x
+
+
+# --------------------------------------------------------------------------- markdown
+
+def _pct(x, digits=1):
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _num(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _ci_text(ci, scale=100, digits=1, signed=False):
+    if ci["mean"] is None:
+        return "-"
+    sign = "+" if signed else ""
+    return (f"{scale * ci['mean']:{sign}.{digits}f} [{scale * ci['ci_low']:{sign}.{digits}f}, "
+            f"{scale * ci['ci_high']:{sign}.{digits}f}]")
+
+
+def render_markdown(report: dict) -> str:
+    """report.md from the report dict: every table shows numbers of report.json."""
+    st = report["settings"]
+    models = report["models"]
+    names = [m["label"] for m in models]
+    n = models[0]["n"]
+    out = [f"# minirl report\n\nReference model: **{report['reference']}**. "
+           f"{models[0]['num_problems']} problems, n = {n} samples per problem. Rates in %, "
+           f"intervals are {int(100 * st['confidence'])}% bootstrap intervals over problems "
+           f"({st['bootstrap']} resamples, paired across models). maj@k ties are shared; for 1 < k < n "
+           f"it is estimated from {st['maj_draws']} random draws per problem unless exact.\n"]
+
+    out.append("\n## Models\n\n")
+    out.append(_table(
+        ["model", "accuracy (pass@1)", f"maj@{n}", f"pass@{n}", "answer entropy (nats)", "no answer", "truncated",
+         "tokens", "chars", "reflection / response"],
+        [[m["label"], _ci_text(m["accuracy"]), _pct(m["maj_at_k"][str(n)]["mean"]) if str(n) in m["maj_at_k"] else "-",
+          _pct(m["pass_at_k"][str(n)]["mean"]) if str(n) in m["pass_at_k"] else "-",
+          _num(m["answer_entropy"], 2), _pct(m["no_answer_rate"]), _pct(m["truncation_rate"]),
+          _num(m["tokens"]["all"]), _num(m["chars"]["all"]), _num(m["reflection"]["per_response"]["all"], 2)]
+         for m in models]))
+
+    for key, title in (("pass_at_k", "pass@k (capability)"), ("maj_at_k", "maj@k (majority vote)")):
+        out.append(f"\n## {title}\n\n")
+        out.append(_table(["k"] + names, [[k] + [_ci_text(m[key][str(k)]) for m in models] for k in st["ks"]]))
+
+    for section, title in (("by_bin", f"By difficulty bin (the reference's correct count out of {n})"),
+                           ("by_level", "By task difficulty level")):
+        if models[0][section] is None:
+            continue
+        groups = [row["group"] for row in models[0][section]]
+        counts = [row["num_problems"] for row in models[0][section]]
+        rows_of = lambda m: m[section]  # noqa: E731
+        out.append(f"\n## {title}\n\n")
+        out.append("Success rate (%):\n\n")
+        out.append(_table(["group", "problems"] + names,
+                          [[g, c] + [_pct(rows_of(m)[i]["success_rate"]) for m in models]
+                           for i, (g, c) in enumerate(zip(groups, counts))]))
+        out.append("\nAnswer entropy (nats, 'no answer' is an outcome):\n\n")
+        out.append(_table(["group"] + names, [[g] + [_num(rows_of(m)[i]["answer_entropy"], 2) for m in models]
+                                              for i, g in enumerate(groups)]))
+        for measure, label in (("tokens", "Response length (tokens)"), ("chars", "Response length (characters)"),
+                               ("reflection_per_response", "Reflection phrases per response")):
+            digits = 2 if measure == "reflection_per_response" else 0
+            out.append(f"\n{label}, correct / incorrect responses:\n\n")
+            out.append(_table(["group"] + names,
+                              [[g] + [f"{_num(rows_of(m)[i][measure]['correct'], digits)} / "
+                                      f"{_num(rows_of(m)[i][measure]['incorrect'], digits)}" for m in models]
+                               for i, g in enumerate(groups)]))
+
+    out.append("\n## Reflection phrases and token categories\n\n")
+    out.append("Responses with a reflection phrase (%), and per category of tokens: matches per 1000 words "
+               "(case-insensitive, whole words).\n\n")
+    header = ["", *names]
+    rows = [["responses with reflection (%)"] + [_pct(m["reflection"]["fraction_of_responses"]) for m in models]]
+    for cat in st["categories"]:
+        rows.append([f"**{cat}** per 1k words"] + [_num(m["categories"][cat]["per_1k_words"], 2) for m in models])
+        for p in models[0]["categories"][cat]["phrases_per_1k_words"]:
+            rows.append([f"&nbsp; {p}"] + [_num(m["categories"][cat]["phrases_per_1k_words"][p], 2) for m in models])
+    out.append(_table(header, rows))
+    out.append("\nReflection phrases per 1000 responses:\n\n")
+    out.append(_table(["phrase", *names],
+                      [[p] + [_num(m["reflection"]["phrases_per_1k_responses"][p], 1) for m in models]
+                       for p in models[0]["reflection"]["phrases_per_1k_responses"]]))
+
+    for c in report["comparisons"]:
+        ref, oth = c["reference"], c["other"]
+        out.append(f"\n## {oth} vs {ref} (reference)\n\n")
+        out.append(f"Change {oth} - {ref}, percentage points [paired bootstrap interval]:\n\n")
+        rows = [["accuracy (pass@1)", _ci_text(c["delta"]["accuracy"], signed=True)]]
+        rows += [[f"pass@{k}", _ci_text(c["delta"]["pass_at_k"][str(k)], signed=True)] for k in st["ks"]]
+        rows += [[f"maj@{k}", _ci_text(c["delta"]["maj_at_k"][str(k)], signed=True)] for k in st["ks"]]
+        out.append(_table(["metric", "change"], rows))
+        sol = c["solved_at_least_once"]
+        out.append(f"\nSolved at least once: both {sol['both']}, only {ref} {sol['only_reference']}, "
+                   f"only {oth} {sol['only_other']}, neither {sol['neither']}.\n")
+        for key, title in (("bins", f"per difficulty bin ({ref}'s correct count)"), ("levels", "per task level")):
+            if c[key] is None:
+                continue
+            out.append(f"\nMean success rate {title} (%):\n\n")
+            out.append(_table(["group", "problems", ref, oth, "change (pp)"],
+                              [[r["group"], r["num_problems"], _pct(r["reference_success"]), _pct(r["other_success"]),
+                                "-" if r["change"] is None else f"{100 * r['change']:+.1f}"] for r in c[key]]))
+        t = c["transitions"]
+        out.append(f"\nTransitions: rows are {ref}'s bin, columns {oth}'s bin; problems (row %):\n\n")
+        out.append(_table([f"{ref} \\ {oth}"] + t["bins"],
+                          [[t["bins"][i]] + [f"{cnt} ({_pct(frac, 0)})" if cnt else "0"
+                                             for cnt, frac in zip(t["counts"][i], t["row_fractions"][i])]
+                           for i in range(len(t["bins"]))]))
+        for key, title in (("over_used", f"Words {oth} uses more than {ref}"),
+                           ("under_used", f"Words {oth} uses less than {ref}")):
+            out.append(f"\n{title} (smoothed log-ratio of frequencies):\n\n")
+            out.append(_table(["word", "log-ratio", f"{ref} per 1k", f"{oth} per 1k"],
+                              [[w["word"], f"{w['log_ratio']:+.2f}", _num(w["reference_per_1k"], 2),
+                                _num(w["other_per_1k"], 2)] for w in c["word_frequency"][key]]))
+
+    if report["figures"]:
+        out.append("\n## Figures\n\n" + "".join(f"![{f}]({f})\n" for f in report["figures"]))
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- figures
+
+def _atomic_write_bytes(path, data: bytes):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _safe(name):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def write_figures(report: dict, out_dir) -> list:
+    """PNG figures of the report; returns their file names (relative to out_dir), or []
+    when matplotlib is not installed. Uses matplotlib's object API with the Agg canvas
+    directly (no pyplot), so it never touches the caller's backend or global state."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return []
+    written = []
+
+    def save(fig, name):
+        FigureCanvasAgg(fig)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        _atomic_write_bytes(os.path.join(out_dir, name), buf.getvalue())
+        written.append(name)
+
+    st, models = report["settings"], report["models"]
+    ks = st["ks"]
+
+    # pass@k and maj@k curves with confidence bands.
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for i, m in enumerate(models):
+        color = f"C{i}"
+        for key, style in (("pass_at_k", "-"), ("maj_at_k", "--")):
+            rows = [m[key][str(k)] for k in ks]
+            mean = [100 * (r["mean"] or 0) for r in rows]
+            ax.plot(ks, mean, style, color=color, marker="o", ms=3,
+                    label=f"{m['label']} {'pass' if key == 'pass_at_k' else 'maj'}@k")
+            ax.fill_between(ks, [100 * (r["ci_low"] or 0) for r in rows], [100 * (r["ci_high"] or 0) for r in rows],
+                            color=color, alpha=0.15, lw=0)
+    if len(ks) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    ax.set_ylabel("%")
+    ax.set_title("pass@k (solid) and maj@k (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, "pass_at_k.png")
+
+    # Response length and reflection phrases per bin, correct vs incorrect.
+    bins = [row["group"] for row in models[0]["by_bin"]]
+    x = np.arange(len(bins))
+    width = 0.8 / max(len(models), 1)
+    for measure, ylabel, name in (("tokens", "mean tokens", "lengths.png"),
+                                  ("reflection_per_response", "reflection phrases / response", "keywords.png")):
+        fig = Figure(figsize=(9, 3.6))
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, kind in zip(axes, ("correct", "incorrect")):
+            for i, m in enumerate(models):
+                vals = [row[measure][kind] or 0 for row in m["by_bin"]]
+                ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, color=f"C{i}", label=m["label"])
+            ax.set_xticks(x, bins, fontsize=8, rotation=30)
+            ax.set_xlabel("reference correct-count bin")
+            ax.set_title(f"{kind} responses")
+        axes[0].set_ylabel(ylabel)
+        axes[0].legend(fontsize=7)
+        save(fig, name)
+
+    # Token categories per 1000 words.
+    cats = list(st["categories"])
+    if cats:
+        fig = Figure(figsize=(5, 3.4))
+        ax = fig.add_subplot()
+        xc = np.arange(len(cats))
+        for i, m in enumerate(models):
+            ax.bar(xc + (i - (len(models) - 1) / 2) * width, [m["categories"][c]["per_1k_words"] for c in cats],
+                   width, color=f"C{i}", label=m["label"])
+        ax.set_xticks(xc, cats)
+        ax.set_ylabel("per 1000 words")
+        ax.legend(fontsize=7)
+        save(fig, "categories.png")
+
+    tags = set()
+    for j, c in enumerate(report["comparisons"]):
+        tag = _safe(c["other"])
+        tag = tag if tag not in tags else f"{tag}_{j}"  # two labels may look alike once made safe
+        tags.add(tag)
+        fig = Figure(figsize=(6, 3.6))
+        ax = fig.add_subplot()
+        change = [100 * (r["change"] or 0) for r in c["bins"]]
+        ax.bar(x, change, color=["C2" if v >= 0 else "C3" for v in change])
+        for xi, v, r in zip(x, change, c["bins"]):
+            ax.annotate(f"{v:+.1f}\n(n={r['num_problems']})", (xi, v), ha="center",
+                        va="bottom" if v >= 0 else "top", fontsize=7)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, bins, fontsize=8, rotation=30)
+        ax.set_xlabel(f"{c['reference']} correct-count bin")
+        ax.set_ylabel("change in success rate (pp)")
+        ax.set_title(f"{c['other']} - {c['reference']}")
+        save(fig, f"bin_change_{tag}.png")
+
+        t = c["transitions"]
+        frac = np.array(t["row_fractions"], dtype=float)
+        fig = Figure(figsize=(5.2, 4.4))
+        ax = fig.add_subplot()
+        im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(bins)):
+            for j in range(len(bins)):
+                ax.text(j, i, str(t["counts"][i][j]), ha="center", va="center", fontsize=7,
+                        color="white" if frac[i, j] > 0.6 else "black")
+        ax.set_xticks(range(len(bins)), bins, fontsize=8, rotation=30)
+        ax.set_yticks(range(len(bins)), bins)
+        ax.set_xlabel(f"{c['other']} bin")
+        ax.set_ylabel(f"{c['reference']} bin")
+        ax.set_title("problems per bin pair (colour: row fraction)", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        save(fig, f"transitions_{tag}.png")
+    return written
