@@ -16,8 +16,9 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
+        # Everything the test suite needs, optional features included.
         "test": ["pytest", "pytest-timeout", "transformers>=4.45", "accelerate", "gguf",
-                 "jinja2", "sympy", "math-verify", "pyarrow"],
+                 "jinja2", "sympy", "math-verify", "pyarrow", "matplotlib"],
         "plot": ["matplotlib"],
         "hub": ["huggingface_hub"],
         "math": ["math-verify", "sympy"],

@@ -224,6 +224,21 @@ class Attention(nn.Module):
             k, v = cache_k[:, :, :width], cache_v[:, :, :width]  # [B, Hkv, S, D]
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif T == 1 and q.shape[1] != k.shape[1]:
+            # Decode (one query per row): the query heads sharing a KV head go on the query
+            # axis, so SDPA sees equal head counts. With a mask and GQA, CUDA has no fused
+            # kernel (flash takes no mask, mem-efficient no GQA): the math fallback would copy
+            # K and V once per query head at every step.
+            g = q.shape[1] // k.shape[1]
+            y = F.scaled_dot_product_attention(q.reshape(B, -1, g, d), k, v, attn_mask=mask)  # [B, Hkv, G, D]
+            y = y.reshape(B, -1, 1, d)  # [B, Hq, 1, D]
+        elif q.is_cuda and q.shape[1] != k.shape[1]:
+            # Masked attention with GQA on CUDA (left-padded prefill, packed training): flash
+            # takes no mask and mem-efficient no GQA, so repeat K/V to let mem-efficient run
+            # instead of the math kernel, which would build [B, H, T, T] scores in fp32.
+            g = q.shape[1] // k.shape[1]
+            y = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                               attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq*D]

@@ -64,3 +64,29 @@ def smollm2_dir():
     if not os.path.exists(os.path.join(out, "config.json")):
         build_smollm2_folder(out)
     return out
+
+
+def make_tiny_model(path, seed=0, hidden=32, layers=2, chars=None):
+    """A random tiny Llama with a character-level tokenizer, saved as an HF folder."""
+    import string
+
+    import torch
+
+    import minirl
+    from minirl.model import ModelConfig, Transformer
+    from minirl.tokenizer import char_tokenizer
+
+    tok = char_tokenizer(chars or (string.digits + "+-*=?. \\{}" + string.ascii_lowercase))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=hidden // 4, max_position_embeddings=128, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = Transformer(cfg)
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(seed))
+    minirl.save_model(model, path, tokenizer=tok)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
