@@ -1,0 +1,298 @@
+"""evaluate.py — accuracy (pass@1) vs capability (pass@k): sample once, analyse as often as wanted.
+
+    python evaluate.py                 # bundled base model vs the latest runs, n=64, report
+    python evaluate.py sample --model DIR --data test.jsonl --n 256 --out runs/base.jsonl
+    python evaluate.py report runs/base.jsonl runs/rl.jsonl --out runs/report
+
+`sample`: n samples per problem from minirl's sampler, graded, written as a samples file
+(jsonl, one line per sample; format in minirl/report.py) plus `<name>.settings.json`. The
+problems are processed in fixed chunks, each with its own seed, and each chunk is written
+whole, so an interrupted run continues where it stopped (--resume is automatic) and gives
+the same file as an uninterrupted one. --banned-words restricts decoding (Hu et al.): every
+token whose text is one of the words (any case, with or without a leading space) is banned.
+
+`report`: minirl.report.build_report — pass@k with bootstrap CIs, maj@k, difficulty bins of
+the reference (first) model, per-bin change, transition matrix, answer entropy, lengths,
+reflection phrases, token-frequency comparison; report.json, report.md and PNGs.
+
+With no sub-command: samples the bundled base model (assets/tiny-arith) and the most recent
+GRPO and SFT runs (runs/grpo-*/final, runs/sft-*/final) on held-out arithmetic problems and
+writes the report comparing them — the seed paper's figures in miniature.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+DEMO_MODEL = "assets/tiny-arith"
+HELDOUT_SEED_OFFSET = 7_777_777  # the held-out synthetic problems of train_grpo.py
+
+
+def add_sample_args(p):
+    a = p.add_argument
+    a("--model", default=DEMO_MODEL, help="HF folder (or hub id)")
+    a("--data", default=None, help="problems jsonl/parquet; default: synthetic --task problems")
+    a("--task", default="arithmetic", choices=["arithmetic", "countdown"])
+    a("--task-levels", default=None, help="comma-separated levels (default: all)")
+    a("--num-problems", type=int, default=300, help="synthetic problems (without --data)")
+    a("--task-seed", type=int, default=HELDOUT_SEED_OFFSET,
+      help="seed of the synthetic problems (default: train_grpo.py's held-out set for --seed 0)")
+    a("--limit", type=int, default=None, help="use only the first k problems")
+    a("--question-field", default=None)
+    a("--answer-field", default=None)
+    a("--template", default=None, help="boxed | r1-zero | raw | chat (default: raw for the bundled model, else boxed)")
+    a("--n", type=int, default=64, help="samples per problem")
+    a("--temperature", type=float, default=1.0)
+    a("--top-p", type=float, default=1.0)
+    a("--top-k", type=int, default=0)
+    a("--max-new-tokens", type=int, default=None, help="default: 64 for the bundled model, else 3000")
+    a("--seed", type=int, default=0)
+    a("--banned-words", default=None, help='comma-separated words never produced, e.g. "wait,hmm,but"')
+    a("--grader", default="minirl", choices=["minirl", "math_verify"])
+    a("--chunk-problems", type=int, default=16, help="problems sampled together (and written together)")
+    a("--device", default=None)
+    a("--dtype", default=None)
+    a("--label", default=None, help="the model's name in reports")
+    a("--out", default=None, help="samples file (default runs/samples-<time>.jsonl)")
+
+
+def add_report_args(p):
+    a = p.add_argument
+    a("samples", nargs="+", help="samples files; the first is the reference (base) model")
+    a("--out", default=None, help="report folder (default: beside the first file)")
+    a("--labels", default=None, help="comma-separated model names")
+    a("--reference", type=int, default=0, help="index of the reference file")
+    a("--ks", default=None, help="comma-separated k (default 1, 2, 4, ..., n)")
+    a("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0 = none)")
+    a("--seed", type=int, default=0)
+    a("--no-plots", action="store_true")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    add_sample_args(sub.add_parser("sample", help="sample and grade n completions per problem",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    add_report_args(sub.add_parser("report", help="analyse samples files",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    demo = sub.add_parser("demo", help="the default: bundled model vs latest runs",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--n", type=int, default=64)
+    demo.add_argument("--num-problems", type=int, default=300)
+    demo.add_argument("--runs", default="runs", help="folder holding grpo-*/ and sft-*/ runs")
+    demo.add_argument("--out", default=None, help="default runs/eval-<time>")
+    demo.add_argument("--device", default=None)
+    return p
+
+
+# ---------------------------------------------------------------- sample
+
+def banned_token_ids(tokenizer, words):
+    """Every token whose decoded text, stripped of surrounding spaces (byte-level BPE's 'Ġ',
+    SentencePiece's '▁' decode to a space), equals one of `words` in any case."""
+    wanted = {w.strip().lower() for w in words if w.strip()}
+    texts = tokenizer.tk.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
+    return sorted(i for i, t in enumerate(texts) if t.strip().lower() in wanted)
+
+
+def load_eval_problems(args):
+    from minirl import tasks
+    from minirl.data import load_problems
+    if args.data:
+        problems = load_problems(args.data, question_field=args.question_field, answer_field=args.answer_field)
+    else:
+        levels = [int(x) for x in args.task_levels.split(",")] if args.task_levels else None
+        problems = tasks.make_problems(args.task, args.num_problems, seed=args.task_seed, levels=levels)
+    return problems[:args.limit] if args.limit else problems
+
+
+def read_done_chunks(path, chunk_size, n, problem_ids):
+    """Lines of the whole chunks already in `path` (an interrupted run); a partly written
+    chunk is dropped and sampled again."""
+    from minirl.common import MinirlError, read_jsonl
+    if not os.path.exists(path):
+        return []
+    lines = [obj for _, obj in read_jsonl(path)]
+    per_chunk = chunk_size * n
+    whole = len(lines) // per_chunk * per_chunk
+    kept = lines[:whole]
+    for k, obj in enumerate(kept):
+        expected = problem_ids[k // n] if k // n < len(problem_ids) else None
+        if obj.get("problem_id") != expected:
+            raise MinirlError(f"{path}: line {k + 1} is problem {obj.get('problem_id')!r}, expected "
+                              f"{expected!r}: the file belongs to other settings; use another --out")
+    return kept
+
+
+def cmd_sample(args):
+    import torch
+
+    import minirl
+    from minirl.common import MinirlError, atomic_write_json, atomic_write_text, parse_dtype
+    from minirl.data import format_prompt
+    from minirl.grader import extract_answer, grade
+    from minirl.training import Progress
+
+    if args.n < 1:
+        raise MinirlError(f"--n must be >= 1 (got {args.n})")
+    if args.chunk_problems < 1:
+        raise MinirlError(f"--chunk-problems must be >= 1 (got {args.chunk_problems})")
+    bundled = os.path.normpath(args.model) == os.path.normpath(DEMO_MODEL)
+    template = args.template or ("raw" if bundled else "boxed")
+    max_new = args.max_new_tokens or (64 if bundled else 3000)
+    out = args.out or os.path.join("runs", time.strftime("samples-%Y%m%d-%H%M%S.jsonl"))
+    problems = load_eval_problems(args)
+    if not problems:
+        raise MinirlError("no problems to sample")
+    tokenizer = minirl.load_tokenizer(args.model)
+    settings = {"model": args.model, "label": args.label or label_of(args.model), "n": args.n,
+                "template": template, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "max_new_tokens": max_new, "seed": args.seed,
+                "data": args.data or f"{args.task}:{args.task_levels or 'all'}:{args.num_problems}:{args.task_seed}",
+                "banned_words": args.banned_words, "grader": args.grader, "chunk_problems": args.chunk_problems,
+                "num_problems": len(problems)}
+    settings_path = os.path.splitext(out)[0] + ".settings.json"
+    if os.path.exists(settings_path):
+        old = json.load(open(settings_path))
+        diff = [k for k in settings if k != "label" and old.get(k) != settings[k]]
+        if diff:
+            raise MinirlError(f"{out} exists with other settings ({', '.join(diff)}); use another --out")
+    device = torch.device(args.device) if args.device else None
+    model = minirl.load_model(args.model, device=device, dtype=parse_dtype(args.dtype))
+    banned = banned_token_ids(tokenizer, args.banned_words.split(",")) if args.banned_words else None
+    if args.banned_words and not banned:
+        raise MinirlError(f"--banned-words: none of {args.banned_words!r} is a token of this vocabulary")
+    settings["banned_token_ids"] = banned
+    atomic_write_json(settings_path, settings)
+
+    ids = [p.id for p in problems]
+    done = read_done_chunks(out, args.chunk_problems, args.n, ids)
+    atomic_write_text(out, "".join(json.dumps(o) + "\n" for o in done))  # drop a partial chunk
+    start_problem = len(done) // args.n
+    chunks = range(start_problem // args.chunk_problems, -(-len(problems) // args.chunk_problems))
+    progress = Progress(len(problems), start_problem)
+    if start_problem:
+        print(f"resuming {out}: {start_problem}/{len(problems)} problems already sampled", flush=True)
+    add_special = template != "chat"
+    tokens_total, t0 = 0, time.time()
+    for c in chunks:
+        chunk = problems[c * args.chunk_problems:(c + 1) * args.chunk_problems]
+        prompts = [tokenizer.encode(format_prompt(p.question, template, tokenizer), add_special_tokens=add_special)
+                   for p in chunk]
+        groups = minirl.generate(model, prompts, n=args.n, max_new_tokens=max_new, temperature=args.temperature,
+                                 top_p=args.top_p, top_k=args.top_k, stop_token_ids=tokenizer.eos_token_ids,
+                                 banned_token_ids=banned, seed=args.seed * 1_000_003 + c)
+        lines = []
+        for p, group in zip(chunk, groups):
+            for j, comp in enumerate(group):
+                text = tokenizer.decode(comp.token_ids)
+                g = grade(text, p.answer, backend=args.grader) if not is_task(p) else None
+                correct = g.correct if g else task_verify(p, text)
+                lines.append({"problem_id": p.id, "difficulty": p.difficulty, "gold": p.answer,
+                              "question": p.question, "sample_index": j, "response": text,
+                              "num_tokens": len(comp.token_ids), "finish_reason": comp.finish_reason,
+                              "answer": g.answer if g else extract_answer(text), "correct": bool(correct)})
+                tokens_total += len(comp.token_ids)
+        with open(out, "a", encoding="utf-8") as f:  # one write per chunk: whole chunks only
+            f.write("".join(json.dumps(o) + "\n" for o in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        done_problems = min(len(problems), (c + 1) * args.chunk_problems)
+        print(f"sampled {done_problems}/{len(problems)} problems | {tokens_total / max(time.time() - t0, 1e-9):.0f} "
+              f"tok/s | {progress.eta(done_problems)}", flush=True)
+    print(f"samples: {out}")
+    return out
+
+
+def is_task(problem):
+    return bool(problem.meta.get("task")) if problem.meta else False
+
+
+def task_verify(problem, text):
+    from minirl import tasks
+    return tasks.verify(problem, text) > 0
+
+
+def label_of(model_path):
+    parts = os.path.normpath(model_path).split(os.sep)
+    if parts[-1] == "final" and len(parts) > 1:
+        return parts[-2]
+    return parts[-1]
+
+
+# ---------------------------------------------------------------- report
+
+def cmd_report(args):
+    from minirl.report import build_report
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.samples[0])), "report")
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else None
+    labels = args.labels.split(",") if args.labels else None
+    report = build_report(args.samples, out, labels=labels, reference_index=args.reference, ks=ks,
+                          bootstrap=args.bootstrap, seed=args.seed, plots=not args.no_plots)
+    for m in report["models"]:
+        print(summary_line(m))
+    print(f"report: {os.path.join(out, 'report.md')}" +
+          (f" (+{len(report['figures'])} figures)" if report["figures"] else ""))
+    return report
+
+
+def summary_line(model_section):
+    """One line per model from report.json's model section."""
+    m = model_section
+    acc = m.get("accuracy", {})
+    acc = acc.get("mean") if isinstance(acc, dict) else acc
+    passk = m.get("pass_at_k", {})
+    last_k = max(passk, key=lambda k: int(k)) if passk else None
+    pk = passk[last_k] if last_k else None
+    pk = pk.get("mean") if isinstance(pk, dict) else pk
+    text = f"{m.get('label', '?')}: accuracy {acc * 100:.1f}%" if acc is not None else f"{m.get('label', '?')}:"
+    if pk is not None:
+        text += f", pass@{last_k} {pk * 100:.1f}%"
+    return text
+
+
+# ---------------------------------------------------------------- demo (no arguments)
+
+def latest(pattern):
+    found = [p for p in glob.glob(pattern) if os.path.exists(os.path.join(p, "config.json"))]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def cmd_demo(args):
+    from minirl.common import MinirlError
+    runs = [("base", DEMO_MODEL), ("grpo", latest(os.path.join(args.runs, "grpo-*", "final"))),
+            ("sft", latest(os.path.join(args.runs, "sft-*", "final")))]
+    runs = [(name, path) for name, path in runs if path]
+    if not os.path.exists(os.path.join(DEMO_MODEL, "config.json")):
+        raise MinirlError(f"{DEMO_MODEL}: the bundled model is missing (see README: rebuilding it)")
+    if len(runs) == 1:
+        print("no runs/grpo-*/final or runs/sft-*/final yet: reporting the bundled model alone "
+              "(run `python train_grpo.py` first to compare)")
+    out = args.out or os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"))
+    files = []
+    for name, path in runs:
+        print(f"== sampling {name}: {path}", flush=True)
+        sample_args = build_parser().parse_args(["sample"])
+        sample_args.model, sample_args.n, sample_args.num_problems = path, args.n, args.num_problems
+        sample_args.template, sample_args.max_new_tokens, sample_args.label = "raw", 64, name
+        sample_args.device = args.device
+        sample_args.out = os.path.join(out, f"samples_{name}.jsonl")
+        files.append(cmd_sample(sample_args))
+    report_args = build_parser().parse_args(["report", *files, "--out", os.path.join(out, "report")])
+    cmd_report(report_args)
+
+
+def main():
+    argv = sys.argv[1:]
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["demo"] + argv
+    args = build_parser().parse_args(argv)
+    {"sample": cmd_sample, "report": cmd_report, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    from minirl.training import run_main
+    run_main(main)

@@ -1,0 +1,413 @@
+"""The sampler: cached greedy decoding against full recomputation and against transformers,
+the sampling distribution against its definition (chi-square), seeds, bans, stops, waves,
+log-probs, and the errors a caller can cause."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minirl import MinirlError, load_model, load_tokenizer
+from minirl import sampler as sampler_mod
+from minirl.sampler import Completion, generate, sample_next, sampling_logprobs
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 211
+# Each chi-square test below fails by chance with probability P_FAIL when the sampler is right
+# (the seeds are fixed, so a given run is deterministic; this is the rate over seeds).
+P_FAIL = 1e-4
+
+
+def chi2_sf(stat: float, df: int) -> float:
+    """P(X >= stat) for X ~ chi-square(df): scipy if installed, else Wilson-Hilferty."""
+    try:
+        from scipy.stats import chi2
+        return float(chi2.sf(stat, df))
+    except ImportError:
+        z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+        return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def assert_matches(counts: np.ndarray, probs: np.ndarray):
+    """Counts over categories against expected probabilities: zero where the probability is
+    zero, and a chi-square p-value above P_FAIL on the others."""
+    total = counts.sum()
+    zero = probs == 0
+    assert counts[zero].sum() == 0, f"sampled excluded tokens {np.nonzero(zero & (counts > 0))[0]}"
+    exp = probs[~zero] * total
+    stat = float(((counts[~zero] - exp) ** 2 / exp).sum())
+    df = int((~zero).sum()) - 1
+    if df == 0:
+        return
+    p = chi2_sf(stat, df)
+    assert p > P_FAIL, f"chi-square {stat:.1f} with {df} dof: p = {p:.2e}"
+
+
+def expected_probs(logits, temperature, top_k=0, top_p=1.0, banned=()):
+    """The sampling distribution computed independently, in float64 numpy."""
+    x = np.asarray(logits, dtype=np.float64).copy()
+    x[list(banned)] = -np.inf
+    x = x / temperature
+    if top_k:
+        kth = np.sort(x)[::-1][top_k - 1]
+        x[x < kth] = -np.inf
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        before = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
+        keep = order[before < top_p]
+        p_min = p[keep].min()
+        p = np.where(p >= p_min, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+# ----------------------------------------------------------------------------- a tiny model
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are small: one thread avoids paying an idle-thread wake-up per op, which
+    dominates on a loaded 2-core machine. Restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random Qwen2-family model (q/k/v biases) with weight matrices scaled up, so that its
+    next-token distributions are peaked and greedy outputs vary from step to step."""
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+            if p.dim() == 2:
+                p.mul_(8.0)
+    path = tmp_path_factory.mktemp("tiny")
+    hf.save_pretrained(path)
+    return load_model(path, device="cpu", dtype=torch.float32)
+
+
+def make_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (L,), generator=g).tolist() for L in lengths]
+
+
+def naive_greedy(model, prompt, steps):
+    """Full recomputation at every step: the slow definition of greedy decoding."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0, len(prompt):].tolist()
+
+
+def truncate_at_stop(tokens, stop):
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return tokens[: i + 1], "stop"
+    return tokens, "length"
+
+
+# ----------------------------------------------------------------------------- greedy
+
+def test_greedy_with_cache_equals_full_recompute(tiny, monkeypatch):
+    prompts = make_prompts([5, 11, 1, 8, 3])
+    T = 24
+    refs = [naive_greedy(tiny, p, T) for p in prompts]
+    # Stop tokens taken from the reference outputs, so rows end at different steps.
+    stop = {refs[0][2], refs[2][9], refs[3][15]}
+    expected = [truncate_at_stop(r, stop) for r in refs]
+    assert len({len(e[0]) for e in expected}) >= 3 and any(e[1] == "length" for e in expected)
+
+    moves = []
+    real_move = sampler_mod._move_rows_to_front
+    monkeypatch.setattr(sampler_mod, "_move_rows_to_front", lambda t, keep: (moves.append(keep.numel()),
+                                                                             real_move(t, keep)))
+    out = generate(tiny, prompts, n=3, max_new_tokens=T, temperature=0, stop_token_ids=sorted(stop),
+                   return_logprobs=True)
+    assert moves, "finished rows were never compacted away"
+    assert len(out) == len(prompts) and all(len(cs) == 3 for cs in out)
+    for cs, (toks, reason) in zip(out, expected):
+        for c in cs:
+            assert isinstance(c, Completion)
+            assert c.token_ids == toks and c.finish_reason == reason
+            assert len(c.logprobs) == len(toks)
+    # Without stops every row runs to the length.
+    out = generate(tiny, prompts, max_new_tokens=T, temperature=0)
+    assert [cs[0].token_ids for cs in out] == refs
+    assert all(cs[0].finish_reason == "length" for cs in out)
+
+
+def test_memory_budget_splits_into_waves_with_the_same_result(tiny, monkeypatch):
+    prompts = make_prompts([7, 2, 12, 5, 9, 1], seed=1)
+    waves = []
+    real_run = sampler_mod._run_wave
+    monkeypatch.setattr(sampler_mod, "_run_wave", lambda *a, **k: (waves.append(len(a[2])), real_run(*a, **k))[1])
+    kw = dict(n=2, max_new_tokens=16, stop_token_ids=[5, 17])
+    one = generate(tiny, prompts, temperature=0, **kw)
+    assert waves == [12]
+    waves.clear()
+    # Three rows of (12 + 16) columns per wave at most: several waves, a group split over two.
+    many = generate(tiny, prompts, temperature=0, max_batch_tokens=3 * 28, **kw)
+    assert len(waves) >= 4 and sum(waves) == 12
+    assert [[c.token_ids for c in cs] for cs in many] == [[c.token_ids for c in cs] for cs in one]
+    # Sampling too: each row's random stream is its own, so waves do not change the draws
+    # (only float rounding of batch-shape-dependent matmuls could, with negligible odds).
+    a = generate(tiny, prompts, temperature=1.0, top_k=40, seed=3, return_logprobs=True, **kw)
+    b = generate(tiny, prompts, temperature=1.0, top_k=40, seed=3, return_logprobs=True,
+                 max_batch_tokens=3 * 28, **kw)
+    assert [[c.token_ids for c in cs] for cs in a] == [[c.token_ids for c in cs] for cs in b]
+    for ca, cb in zip(sum(a, []), sum(b, [])):
+        np.testing.assert_allclose(ca.logprobs, cb.logprobs, rtol=0, atol=1e-4)
+
+
+def test_static_cuda_graph_bookkeeping_gives_the_same_result(tiny, monkeypatch):
+    """The CUDA path (batch padded to power-of-two buckets with stale rows, cache width padded
+    to GRAPH_WIDTH_STEP, stops read every CUDA_SYNC_EVERY steps, whole-vocabulary sampling)
+    run eagerly on CPU: the same completions as the plain eager path. Only the graph
+    capture itself needs a GPU."""
+    prompts = make_prompts([5, 11, 1, 8, 3], seed=2)
+    T = 40
+    refs = [naive_greedy(tiny, p, T) for p in prompts]
+    stop = sorted({refs[0][1], refs[1][2], refs[2][3]} - set(refs[3]) - set(refs[4]))
+    kw = dict(n=3, max_new_tokens=T, stop_token_ids=stop, return_logprobs=True)
+    runs = []
+    for sample in (dict(temperature=0), dict(temperature=1.0, top_k=40, seed=1)):
+        eager = generate(tiny, prompts, **sample, **kw)
+        monkeypatch.setattr(sampler_mod, "_STATIC_ON_CPU", True)
+        calls = []
+        real_step = sampler_mod._GraphRunner.step
+        monkeypatch.setattr(sampler_mod._GraphRunner, "step",
+                            lambda self, rows, width, *a: (calls.append((rows, width)),
+                                                           real_step(self, rows, width, *a))[1])
+        static = generate(tiny, prompts, **sample, **kw)
+        monkeypatch.undo()
+        assert ids_of(static) == ids_of(eager)
+        for a, b in zip(sum(static, []), sum(eager, [])):
+            assert a.finish_reason == b.finish_reason
+            np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-4)
+        assert {w for _, w in calls} <= {128, 11 + T}  # width: a multiple of 128, or the whole cache
+        runs.append(sorted({r for r, _ in calls}))
+    assert runs[0][0] < 15 and runs[0][-1] == 15  # the batch shrank to a smaller bucket
+    assert [c.token_ids for c in eager[0]] != [refs[0]] * 3  # sampling, not greedy
+
+
+# ----------------------------------------------------------------------------- real weights
+
+def test_greedy_equals_transformers_on_smollm2(smollm2_dir):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # compare every token, even past an end of turn
+    mine = load_model(smollm2_dir, device="cpu", dtype=torch.float32)
+    tok = load_tokenizer(smollm2_dir)
+    questions = ["What is 17 * 23?", "Write a haiku about the sea.", "The capital of France is",
+                 "List three prime numbers greater than 100 and explain briefly why each is prime."]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: left padding used
+    T = 16
+    out = generate(mine, prompts, max_new_tokens=T, temperature=0)
+    for p, cs in zip(prompts, out):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False,
+                              pad_token_id=tok.pad_token_id)
+        assert cs[0].token_ids == ref[0, len(p):].tolist()
+
+
+# ----------------------------------------------------------------------------- the distribution
+
+FIXED_LOGITS = torch.tensor([2.0, 1.5, 1.4, 0.3, 0.0, -0.2, -0.5, -1.0, -1.1, -2.0, -3.0, 0.9])
+DIST_CASES = [
+    dict(temperature=1.0),
+    dict(temperature=0.6),
+    dict(temperature=1.7, top_k=5),
+    dict(temperature=1.0, top_p=0.8),
+    dict(temperature=0.8, top_k=7, top_p=0.75),
+    dict(temperature=1.2, top_p=0.95, banned=(0, 11)),
+    dict(temperature=1.0, top_k=1),
+    dict(temperature=1.0, top_p=0.05),  # only the top token
+]
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["candidates", "whole-vocab"])
+@pytest.mark.parametrize("case", DIST_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_sample_next_matches_the_distribution(case, sync_free):
+    case = dict(case)
+    banned = case.pop("banned", ())
+    V, N = FIXED_LOGITS.numel(), 40_000
+    mask = torch.zeros(V, dtype=torch.bool)
+    mask[list(banned)] = True
+    expect = expected_probs(FIXED_LOGITS.numpy(), banned=banned, **case)
+    g = torch.Generator().manual_seed(123)
+    u = torch.rand(N, generator=g, dtype=torch.float64)
+    tokens, logp = sample_next(FIXED_LOGITS.expand(N, V).clone(), u, banned_mask=mask if banned else None,
+                               sync_free=sync_free, **case)
+    counts = np.bincount(tokens.numpy(), minlength=V)
+    assert_matches(counts, expect)
+    np.testing.assert_allclose(logp.numpy(), np.log(expect[tokens.numpy()]), rtol=0, atol=1e-5)
+    # The full processed distribution is the same one.
+    lp = sampling_logprobs(FIXED_LOGITS[None], banned_mask=mask if banned else None, **case)[0]
+    np.testing.assert_allclose(lp.exp().numpy(), expect, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [dict(temperature=0.9, top_k=40), dict(temperature=1.1, top_p=0.7),
+                                  dict(temperature=0.7, top_k=100, top_p=0.9)])
+def test_candidate_and_whole_vocabulary_sampling_pick_the_same_tokens(case):
+    """The fast CPU path (top-k candidates) and the graph-friendly one (whole vocabulary) read
+    the same inverse CDF, in vocabulary order: same uniforms, same tokens."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 5000, generator=g) * 2.5  # [B, V]
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    a, la = sample_next(logits, u, **case)
+    b, lb = sample_next(logits, u, sync_free=True, **case)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(la, lb, rtol=0, atol=1e-5)
+
+
+def test_top_k_and_top_p_keep_ties_at_the_boundary():
+    x = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])
+    lp = sampling_logprobs(x, 1.0, top_k=2)
+    assert torch.isfinite(lp[0, :4]).all() and lp[0, 4] == -math.inf
+    lp = sampling_logprobs(torch.tensor([[1.0, 1.0, 1.0, -5.0]]), 1.0, top_p=0.3)
+    assert torch.isfinite(lp[0, :3]).all() and lp[0, 3] == -math.inf
+    # With ties the candidate path falls back to the whole vocabulary: the tied tokens appear.
+    u = torch.rand(3000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tokens, _ = sample_next(x.expand(3000, 5), u, 1.0, top_k=2)
+    assert set(tokens.tolist()) == {0, 1, 2, 3}
+
+
+def test_generate_distribution_end_to_end(tiny):
+    """The first sampled token of many samples of one prompt, against the model's own
+    next-token distribution processed by temperature, top-k and top-p."""
+    prompt = make_prompts([6], seed=4)[0]
+    kw = dict(temperature=0.8, top_k=12, top_p=0.9)
+    out = generate(tiny, [prompt], n=6000, max_new_tokens=1, seed=11, **kw)
+    with torch.no_grad():
+        logits = tiny(torch.tensor([prompt]))[0, -1].double().numpy()
+    counts = np.bincount([c.token_ids[0] for c in out[0]], minlength=VOCAB)
+    assert_matches(counts, expected_probs(logits, **kw))
+
+
+def test_logprobs_match_a_full_forward(tiny):
+    prompts = make_prompts([4, 9, 2], seed=5)
+    banned = [3, 4, 5]
+    for kw in (dict(temperature=0.7, top_k=30, top_p=0.9), dict(temperature=1.0), dict(temperature=0.0)):
+        out = generate(tiny, prompts, n=2, max_new_tokens=12, seed=2, return_logprobs=True,
+                       banned_token_ids=banned, **kw)
+        mask = torch.zeros(VOCAB, dtype=torch.bool)
+        mask[banned] = True
+        for p, cs in zip(prompts, out):
+            for c in cs:
+                ids = torch.tensor([p + c.token_ids])
+                with torch.no_grad():
+                    logits = tiny(ids)[0, len(p) - 1:-1]  # [T, V] the logits each token was drawn from
+                lp = sampling_logprobs(logits, banned_mask=mask, **kw)
+                ref = lp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+                np.testing.assert_allclose(c.logprobs, ref.numpy(), rtol=0, atol=1e-4)
+                if kw["temperature"] == 0:  # greedy: log-softmax of the raw logits (bans removed)
+                    raw = logits.masked_fill(mask, -math.inf).log_softmax(-1).max(-1).values
+                    np.testing.assert_allclose(c.logprobs, raw.numpy(), rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- seeds, bans, stops
+
+def ids_of(out):
+    return [[c.token_ids for c in cs] for cs in out]
+
+
+def test_same_seed_same_output_and_different_seeds_differ(tiny):
+    prompts = make_prompts([3, 8], seed=6)
+    kw = dict(n=4, max_new_tokens=10, temperature=1.0, return_logprobs=True)
+    a = generate(tiny, prompts, seed=7, **kw)
+    b = generate(tiny, prompts, seed=7, **kw)
+    assert a == b  # token ids and log-probs, bitwise
+    assert ids_of(generate(tiny, prompts, seed=8, **kw)) != ids_of(a)
+    # An explicit generator is the same as its seed; no seed follows torch.manual_seed.
+    assert generate(tiny, prompts, generator=torch.Generator().manual_seed(7), **kw) == a
+    torch.manual_seed(0)
+    c = generate(tiny, prompts, **kw)
+    torch.manual_seed(0)
+    assert generate(tiny, prompts, **kw) == c
+
+
+def test_samples_of_one_prompt_are_independent(tiny):
+    out = generate(tiny, make_prompts([5], seed=9), n=8, max_new_tokens=12, temperature=1.0, seed=0)
+    seqs = [tuple(c.token_ids) for c in out[0]]
+    assert len(set(seqs)) == len(seqs)
+    # Greedy samples of one prompt are all the same.
+    out = generate(tiny, make_prompts([5], seed=9), n=3, max_new_tokens=12, temperature=0)
+    assert len({tuple(c.token_ids) for c in out[0]}) == 1
+
+
+def test_banned_tokens_never_appear(tiny):
+    prompts = make_prompts([4, 7], seed=10)
+    greedy = generate(tiny, prompts, max_new_tokens=12, temperature=0)
+    banned = sorted({t for cs in greedy for t in cs[0].token_ids} | set(range(0, VOCAB, 3)))
+    for kw in (dict(temperature=0), dict(temperature=3.0), dict(temperature=1.0, top_k=5, top_p=0.5)):
+        out = generate(tiny, prompts, n=16, max_new_tokens=12, seed=1, banned_token_ids=banned, **kw)
+        seen = {t for cs in out for c in cs for t in c.token_ids}
+        assert seen and not seen & set(banned)
+
+
+def test_stop_tokens_end_rows_and_are_reported(tiny):
+    stop = list(range(0, VOCAB, 13))  # ~1 in 13 tokens stops
+    out = generate(tiny, make_prompts([3, 6, 10], seed=12), n=8, max_new_tokens=20, temperature=1.5,
+                   stop_token_ids=stop, seed=4, return_logprobs=True)
+    reasons = set()
+    for cs in out:
+        for c in cs:
+            reasons.add(c.finish_reason)
+            assert len(c.logprobs) == len(c.token_ids)
+            body = c.token_ids[:-1]
+            assert not set(body) & set(stop)
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] in stop and len(c.token_ids) <= 20
+            else:
+                assert len(c.token_ids) == 20 and c.token_ids[-1] not in stop
+    assert reasons == {"stop", "length"}
+
+
+def test_empty_request(tiny):
+    assert generate(tiny, [], max_new_tokens=4) == []
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n=0), "n must"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(prompts=[[1, 2], []]), r"prompts\[1\].*empty"),
+    (dict(prompts=[[1, VOCAB]]), r"prompts\[0\].*outside the vocabulary"),
+    (dict(prompts=[[-1]]), r"prompts\[0\].*outside"),
+    (dict(prompts=[[1.5, 2]]), r"prompts\[0\].*integer"),
+    (dict(prompts="hello"), "prompts must"),
+    (dict(prompts=[[1] * 250], max_new_tokens=10), r"prompts\[0\].*max_position_embeddings=256"),
+    (dict(stop_token_ids=[VOCAB + 3]), "stop_token_ids"),
+    (dict(banned_token_ids=list(range(VOCAB))), "banned_token_ids"),
+    (dict(max_batch_tokens=5), "max_batch_tokens"),
+    (dict(seed=1, generator=torch.Generator()), "seed or generator"),
+    (dict(seed=1.5), "seed must"),
+])
+def test_invalid_arguments_raise_before_any_work(tiny, monkeypatch, kwargs, match):
+    def boom(*a, **k):
+        raise AssertionError("the model ran before the arguments were checked")
+    monkeypatch.setattr(tiny, "forward", boom)
+    args = dict(prompts=[[1, 2, 3]], max_new_tokens=4)
+    args.update(kwargs)
+    prompts = args.pop("prompts")
+    with pytest.raises(MinirlError, match=match):
+        generate(tiny, prompts, **args)
+    assert issubclass(MinirlError, ValueError)
