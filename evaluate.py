@@ -26,7 +26,8 @@ import os
 import sys
 import time
 
-DEMO_MODEL = "assets/tiny-arith"
+from minirl.common import BUNDLED_MODEL as DEMO_MODEL
+
 HELDOUT_SEED_OFFSET = 7_777_777  # the held-out synthetic problems of train_grpo.py
 
 

@@ -33,6 +33,8 @@ import sys
 import time
 from collections import defaultdict
 
+from minirl.common import BUNDLED_MODEL  # assets/tiny-arith
+
 PRESETS = {
     "drgrpo": dict(lr=1e-6, warmup_steps=0, beta=0.0, temperature=1.0, top_p=1.0, top_k=0,
                    num_samples=8, prompts_per_step=128, max_new_tokens=3000, advantage_std="none",
@@ -42,7 +44,7 @@ PRESETS = {
                     num_samples=10, max_prompt_len=256, advantage_std="group",
                     loss_aggregation="seq-mean-token-mean", adam_beta1=0.9, adam_beta2=0.99,
                     weight_decay=0.1, grad_clip=0.1, template="boxed", wrong_reward=-1.0),
-    "demo": dict(model="assets/tiny-arith", task="arithmetic", template="raw", lr=2e-4,
+    "demo": dict(model=BUNDLED_MODEL, task="arithmetic", template="raw", lr=2e-4,
                  warmup_steps=2, steps=40, prompts_per_step=16, num_samples=8, max_new_tokens=64,
                  temperature=1.0, advantage_std="group", loss_aggregation="token-mean",
                  grad_clip=1.0, eval_every=0, eval_problems=300, eval_samples=8,

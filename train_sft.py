@@ -30,12 +30,11 @@ from minirl.model import ModelConfig, Transformer
 from minirl.sft import (collate, drop_too_long, fmt_count, heldout_loss, is_samples_file,
                         layout_fill, load_sequences, micro_batches, plan_epoch, response_logprobs,
                         samples_template, split_heldout, task_sequences)
+from minirl.common import BUNDLED_MODEL as DEFAULT_MODEL
 from minirl.tokenizer import load_tokenizer
 from minirl.training import (MasterAdamW, Progress, RunDir, grad_norm_and_finite, load_checkpoint,
                              lr_at, run_main)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join("assets", "tiny-arith")
 TEMPLATES = ("chat", "boxed", "r1-zero", "raw")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -147,7 +146,7 @@ def main(argv=None):
     if args.data is None and (args.only_correct or args.max_per_problem):
         raise MinirlError("--only-correct / --max-per-problem apply to a samples file given with --data")
     if not args.init_config and not args.model:
-        args.model = os.path.join(HERE, DEFAULT_MODEL)
+        args.model = DEFAULT_MODEL
         if not os.path.isdir(args.model):
             raise MinirlError(f"{args.model}: the bundled tiny model is not there; pass --model "
                               "(an HF folder) or --init-config")

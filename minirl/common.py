@@ -106,3 +106,8 @@ def read_jsonl(path):
                 yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 raise MinirlError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+
+
+# The bundled tiny model (README: "The bundled tiny model"), found from the package so the
+# entry scripts' defaults work from any working directory.
+BUNDLED_MODEL = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "tiny-arith"))
