@@ -83,6 +83,8 @@ def build_parser():
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--n", type=int, default=64)
     demo.add_argument("--num-problems", type=int, default=300)
+    demo.add_argument("--task-levels", default="1,2,3,4,5",
+                      help="arithmetic levels: the base's (1-3), the next (4), the SFT demo's (4-5)")
     demo.add_argument("--runs", default="runs", help="folder holding grpo-*/ and sft-*/ runs")
     demo.add_argument("--out", default=None, help="default runs/eval-<time>")
     demo.add_argument("--device", default=None)
@@ -280,6 +282,7 @@ def cmd_demo(args):
         sample_args.model, sample_args.n, sample_args.num_problems = path, args.n, args.num_problems
         sample_args.template, sample_args.max_new_tokens, sample_args.label = "raw", 64, name
         sample_args.device = args.device
+        sample_args.task_levels = args.task_levels
         sample_args.out = os.path.join(out, f"samples_{name}.jsonl")
         files.append(cmd_sample(sample_args))
     report_args = build_parser().parse_args(["report", *files, "--out", os.path.join(out, "report")])

@@ -44,11 +44,11 @@ PRESETS = {
                     num_samples=10, max_prompt_len=256, advantage_std="group",
                     loss_aggregation="seq-mean-token-mean", adam_beta1=0.9, adam_beta2=0.99,
                     weight_decay=0.1, grad_clip=0.1, template="boxed", wrong_reward=-1.0),
-    "demo": dict(model=BUNDLED_MODEL, task="arithmetic", template="raw", lr=2e-4,
-                 warmup_steps=2, steps=40, prompts_per_step=16, num_samples=8, max_new_tokens=64,
+    "demo": dict(model=BUNDLED_MODEL, task="arithmetic", task_levels="1,2,3", template="raw", lr=5e-5,
+                 warmup_steps=2, steps=300, prompts_per_step=16, num_samples=8, max_new_tokens=64,
                  temperature=1.0, advantage_std="group", loss_aggregation="token-mean",
                  grad_clip=1.0, eval_every=0, eval_problems=300, eval_samples=8,
-                 train_problems=4000, weight_decay=0.0),
+                 train_problems=4000, weight_decay=0.0, save_every=100),
 }
 
 
