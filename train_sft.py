@@ -65,8 +65,9 @@ g.add_argument("--on-too-long", default="skip", choices=("skip", "fail"),
                help="an example longer than --max-len: skip it (counted) or stop with an error")
 g.add_argument("--task", default="arithmetic", choices=("arithmetic", "countdown"),
                help="synthetic task of the default data (its teacher's solutions)")
-g.add_argument("--task-levels", default="4,5", help="difficulty levels of the default data")
-g.add_argument("--train-problems", type=int, default=4000, help="problems in the default data")
+g.add_argument("--task-levels", default="1,2,3,4,5",
+               help="difficulty levels of the default data: the base's 1-3 (so it does not forget them) and the new 4-5")
+g.add_argument("--train-problems", type=int, default=8000, help="problems in the default data")
 g = parser.add_argument_group("batching")
 g.add_argument("--no-packing", action="store_true",
                help="one right-padded example per row instead of packing several per row")
@@ -77,9 +78,9 @@ g.add_argument("--batch-tokens", type=int, default=None,
 g.add_argument("--grad-accum", type=int, default=None,
                help="packed micro-batches per optimizer step (instead of --batch-tokens)")
 g = parser.add_argument_group("optimisation")
-g.add_argument("--epochs", type=int, default=3, help="passes over the training data (the seed paper: 5)")
+g.add_argument("--epochs", type=int, default=2, help="passes over the training data (the seed paper: 5)")
 g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (the schedule's length)")
-g.add_argument("--lr", type=float, default=3e-4,
+g.add_argument("--lr", type=float, default=1e-3,
                help="peak learning rate (the seed paper's SFT of 1.5B models: 1e-6)")
 g.add_argument("--lr-schedule", default="cosine", choices=("constant", "cosine", "linear"),
                help="after warmup (the seed paper: constant)")
