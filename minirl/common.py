@@ -43,20 +43,24 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def atomic_write_text(path, text: str):
+def atomic_write_bytes(path, data: bytes):
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     path = str(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path, text: str):
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path, obj):

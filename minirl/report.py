@@ -39,13 +39,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from minirl import metrics
-from minirl.common import MinirlError, atomic_write_json, atomic_write_text, read_jsonl
+from minirl.common import MinirlError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 
 REPORT_VERSION = 1
 FINISH_REASONS = ("stop", "length")
@@ -99,7 +98,8 @@ def settings_path(samples_path):
     return None
 
 
-def _read_settings(samples_path):
+def read_settings(samples_path):
+    """The settings file beside a samples file as a dict, or None when there is none."""
     path = settings_path(samples_path)
     if path is None:
         return None
@@ -216,7 +216,7 @@ def read_samples(path, label=None) -> Samples:
                           "an interrupted `evaluate.py sample` can be resumed to complete them)")
 
     order = np.array([[row[si] for si in sorted(row)] for row in rows.values()])  # [P, n] record numbers
-    settings = _read_settings(path)
+    settings = read_settings(path)
     return Samples(
         path=path, label=label or _default_label(path, settings), settings=settings,
         problem_ids=list(rows), difficulty=[diffs[first[pid]] for pid in rows],
@@ -656,19 +656,6 @@ def render_markdown(report: dict) -> str:
 
 # --------------------------------------------------------------------------- figures
 
-def _atomic_write_bytes(path, data: bytes):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _safe(name):
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
@@ -688,7 +675,7 @@ def write_figures(report: dict, out_dir) -> list:
         FigureCanvasAgg(fig)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        _atomic_write_bytes(os.path.join(out_dir, name), buf.getvalue())
+        atomic_write_bytes(os.path.join(out_dir, name), buf.getvalue())
         written.append(name)
 
     st, models = report["settings"], report["models"]

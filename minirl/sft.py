@@ -145,15 +145,8 @@ def is_samples_file(path: str) -> bool:
 
 def samples_template(path: str) -> Optional[str]:
     """The prompt template a samples file was sampled with (from its settings file)."""
-    from minirl.report import settings_path
-    sp = settings_path(path)
-    if sp is None:
-        return None
-    try:
-        with open(sp, encoding="utf-8") as f:
-            settings = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise MinirlError(f"{sp}: cannot read the settings file ({e})") from None
+    from minirl.report import read_settings
+    settings = read_settings(path)
     t = settings.get("template") if isinstance(settings, dict) else None
     return t if isinstance(t, str) else None
 
