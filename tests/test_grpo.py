@@ -183,3 +183,15 @@ def test_empty_data_exits_2(tiny_model_dir, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     proc = run_grpo("--model", tiny_model_dir, "--data", tmp_path / "empty.jsonl", "--out", tmp_path / "r", check=False)
     assert proc.returncode == 2 and "empty.jsonl" in proc.stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir, task_files, tmp_path):
+    (tmp_path / "nan_reward.py").write_text("def f(response, problem):\n    return float('nan')\n")
+    out = tmp_path / "r"
+    flags = common_flags(tiny_model_dir, task_files, out, 5)
+    flags[flags.index("--reward") + 1] = f"{tmp_path / 'nan_reward.py'}:f"
+    proc = run_grpo(*flags, "--max-bad-steps", 2, check=False)
+    assert proc.returncode == 1 and "2 non-finite steps in a row" in proc.stderr
+    rec = metrics(out)
+    assert [m["skipped_updates"] for m in rec] == [1]  # step 1 logged and skipped; step 2 stops
+    assert not os.path.exists(out / "final")
