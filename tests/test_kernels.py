@@ -19,22 +19,11 @@ import torch
 triton = pytest.importorskip("triton")
 
 from minirl.losses import grpo_token_loss, linear_logprobs, token_logprobs  # noqa: E402
+from conftest import fp64_logprobs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16_ULP = 2.0**-7  # relative spacing of bf16 numbers (8 significant bits)
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def rel_err(a, b):
-    """max |a - b| / max |b| (per-element relative errors blow up on near-zero gradients)."""
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
-
-
-def fp64_logprobs(logits, targets):
-    logp_all = torch.log_softmax(logits.double(), dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 def make_case(N, V, seed, scale=4.0):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minirl.common import MinirlError
+from conftest import fp64_logprobs, rel_err
 from minirl.losses import (grpo_token_loss, linear_logprobs, resolve_backend,
                            token_logprobs)
 
@@ -23,18 +24,8 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not HAVE_TRITON, reason="triton not installed"))]
 
 
-def rel_err(a, b):
-    """max |a - b| / max |b|: the relative error of the tensor as a whole (per-element
-    relative errors are meaningless for the many near-zero softmax gradients)."""
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
-def fp64_logprobs(logits, targets):
-    """Ground truth, in float64, written independently of kernels/reference.py."""
-    logp_all = torch.log_softmax(logits.double(), dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,13 +8,11 @@ import torch
 
 import minirl
 from minirl import MinirlError, load_model, load_tokenizer, save_model
+from conftest import rel_err
 
 transformers = pytest.importorskip("transformers")
 
 
-def rel_err(a, b):
-    """max |a - b| / max |b|: the relative error the tolerance table refers to."""
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def tiny_hf_model(family: str, **overrides):
