@@ -159,7 +159,8 @@ def cmd_sample(args):
                 "num_problems": len(problems)}
     settings_path = os.path.splitext(out)[0] + ".settings.json"
     if os.path.exists(settings_path):
-        old = json.load(open(settings_path))
+        with open(settings_path) as f:
+            old = json.load(f)
         diff = [k for k in settings if k != "label" and old.get(k) != settings[k]]
         if diff:
             raise MinirlError(f"{out} exists with other settings ({', '.join(diff)}); use another --out")

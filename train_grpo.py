@@ -27,6 +27,7 @@ paper's own TRL run, RESEARCH.md), and "demo" (the default without --model: the 
 model, settings that show learning on a CPU in minutes). Explicit flags override presets.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -148,7 +149,7 @@ def main():
     from minirl.data import format_prompt, load_problems
     from minirl.grader import grade
     from minirl.training import (MasterAdamW, Progress, RunDir, grad_norm_and_finite, load_checkpoint,
-                                 lr_at, step_generator)
+                                 lr_at, step_generator, use_gradient_checkpointing)
 
     # ---------------------------------------------------------------- checks before any work
     for flag, v in (("--steps", args.steps), ("--prompts-per-step", args.prompts_per_step),
@@ -173,7 +174,8 @@ def main():
     run = RunDir(out)
     args_path = os.path.join(out, "args.json")
     if args.resume and os.path.exists(args_path):
-        saved = json.load(open(args_path))
+        with open(args_path) as f:
+            saved = json.load(f)
         ignore = {"resume", "stop_after", "steps", "out", "wandb_project", "tensorboard", "device"}
         changed = [k for k, v in vars(args).items() if k not in ignore and saved.get(k, v) != v]
         if changed:
@@ -218,7 +220,8 @@ def main():
         return tokenizer.encode(format_prompt(problem.question, args.template, tokenizer),
                                 add_special_tokens=add_special)
 
-    prompt_ids = [encode_prompt(p) for p in train_problems]
+    prompt_ids = [encode_prompt(p) for p in train_problems]  # tokenised once for the whole run
+    eval_ids = [encode_prompt(p) for p in eval_problems]
     if args.max_prompt_len:
         keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= args.max_prompt_len]
         train_problems = [train_problems[i] for i in keep]
@@ -246,8 +249,7 @@ def main():
     if args.beta > 0:
         ref_model = minirl.load_model(args.model, device=args.ref_device or device, dtype=dtype)
         ref_model.requires_grad_(False)
-    model.gradient_checkpointing = (args.gradient_checkpointing == "on" or
-                                    (args.gradient_checkpointing == "auto" and device.type == "cuda"))
+    model.gradient_checkpointing = use_gradient_checkpointing(args.gradient_checkpointing, device)
     optimizer = MasterAdamW(model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                             weight_decay=args.weight_decay)
     if state is not None:
@@ -257,7 +259,9 @@ def main():
     stop_ids = tokenizer.eos_token_ids
     eval_seed = args.seed + 12345
 
+    @functools.lru_cache(maxsize=2)
     def epoch_order(epoch):
+        """The shuffled problem order of one epoch (computed once, not once per problem)."""
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         return torch.randperm(len(train_problems), generator=g).tolist()
 
@@ -284,13 +288,12 @@ def main():
         accuracy, overall and per difficulty level."""
         if not eval_problems:
             return None
-        ids = [encode_prompt(p) for p in eval_problems]
         model.eval()
         with torch.no_grad():
-            sampled = minirl.generate(model, ids, n=args.eval_samples, max_new_tokens=args.max_new_tokens,
+            sampled = minirl.generate(model, eval_ids, n=args.eval_samples, max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                       stop_token_ids=stop_ids, seed=eval_seed)
-            greedy = minirl.generate(model, ids, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0,
+            greedy = minirl.generate(model, eval_ids, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0,
                                      stop_token_ids=stop_ids)
         per_level = defaultdict(lambda: [0, 0.0, 0.0])  # level -> [problems, pass@1 sum, greedy sum]
         for p, group, g in zip(eval_problems, sampled, greedy):

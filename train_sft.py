@@ -33,7 +33,7 @@ from minirl.sft import (collate, drop_too_long, fmt_count, heldout_loss, is_samp
 from minirl.common import BUNDLED_MODEL as DEFAULT_MODEL
 from minirl.tokenizer import load_tokenizer
 from minirl.training import (MasterAdamW, Progress, RunDir, grad_norm_and_finite, load_checkpoint,
-                             lr_at, run_main)
+                             lr_at, run_main, use_gradient_checkpointing)
 
 TEMPLATES = ("chat", "boxed", "r1-zero", "raw")
 
@@ -276,8 +276,7 @@ def main(argv=None):
     else:
         model = load_model(args.model, device=device, dtype=dtype)
     model.train()
-    model.gradient_checkpointing = (args.gradient_checkpointing == "on" or
-                                    (args.gradient_checkpointing == "auto" and device.type == "cuda"))
+    model.gradient_checkpointing = use_gradient_checkpointing(args.gradient_checkpointing, device)
     optimizer = MasterAdamW(model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                             weight_decay=args.weight_decay)
     if ckpt is not None:

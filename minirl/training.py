@@ -117,6 +117,12 @@ def grad_norm_and_finite(params, max_norm: float):
     return norm, math.isfinite(norm)
 
 
+def use_gradient_checkpointing(flag: str, device) -> bool:
+    """--gradient-checkpointing on | off | auto (auto = on for CUDA, where activations are
+    what limits the batch; off on CPU, where the recompute only costs time)."""
+    return flag == "on" or (flag == "auto" and torch.device(device).type == "cuda")
+
+
 def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
     """The generator for one step's randomness: seeded by (seed, step) so a resumed run draws
     exactly what an uninterrupted one would."""
