@@ -36,6 +36,8 @@ from minirl.training import (MasterAdamW, Progress, RunDir, grad_norm_and_finite
                              lr_at, run_main, use_gradient_checkpointing)
 
 TEMPLATES = ("chat", "boxed", "r1-zero", "raw")
+TINY_LR = 2e-3   # the bundled 1.6M-parameter model: measured best of 1e-3 / 2e-3 (BENCHMARKS.md)
+MODEL_LR = 1e-5  # a pretrained LLM: the usual full fine-tuning rate
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -67,7 +69,7 @@ g.add_argument("--task", default="arithmetic", choices=("arithmetic", "countdown
                help="synthetic task of the default data (its teacher's solutions)")
 g.add_argument("--task-levels", default="1,2,3,4,5",
                help="difficulty levels of the default data: the base's 1-3 (so it does not forget them) and the new 4-5")
-g.add_argument("--train-problems", type=int, default=8000, help="problems in the default data")
+g.add_argument("--train-problems", type=int, default=24000, help="problems in the default data")
 g = parser.add_argument_group("batching")
 g.add_argument("--no-packing", action="store_true",
                help="one right-padded example per row instead of packing several per row")
@@ -80,8 +82,9 @@ g.add_argument("--grad-accum", type=int, default=None,
 g = parser.add_argument_group("optimisation")
 g.add_argument("--epochs", type=int, default=2, help="passes over the training data (the seed paper: 5)")
 g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (the schedule's length)")
-g.add_argument("--lr", type=float, default=1e-3,
-               help="peak learning rate (the seed paper's SFT of 1.5B models: 1e-6)")
+g.add_argument("--lr", type=float, default=None,
+               help=f"peak learning rate; unset: {TINY_LR:g} for the bundled model or --init-config "
+                    f"(a few million parameters), else {MODEL_LR:g} (the seed paper's SFT of 1.5B models: 1e-6)")
 g.add_argument("--lr-schedule", default="cosine", choices=("constant", "cosine", "linear"),
                help="after warmup (the seed paper: constant)")
 g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps (the seed paper: 25)")
@@ -151,6 +154,9 @@ def main(argv=None):
         if not os.path.isdir(args.model):
             raise MinirlError(f"{args.model}: the bundled tiny model is not there; pass --model "
                               "(an HF folder) or --init-config")
+    if args.lr is None:
+        bundled = os.path.realpath(args.model or "") == os.path.realpath(DEFAULT_MODEL)
+        args.lr = TINY_LR if args.init_config or bundled else MODEL_LR
     if args.val_fraction is None:
         args.val_fraction = 0.0 if args.val_data else 0.05
     if args.batch_tokens is None and args.grad_accum is None:

@@ -27,7 +27,9 @@ def test_default_commands_shortened(tmp_path):
     assert len(open(os.path.join(grpo_run, "metrics.jsonl")).readlines()) >= 3
 
     out = run("train_sft.py", "--max-steps", 2, "--train-problems", 40, cwd=tmp_path)
-    assert glob.glob(str(tmp_path / "runs" / "sft-*" / "final" / "config.json"))
+    sft_run = glob.glob(str(tmp_path / "runs" / "sft-*"))[0]
+    assert os.path.exists(os.path.join(sft_run, "final", "config.json"))
+    assert json.load(open(os.path.join(sft_run, "args.json")))["lr"] == 2e-3  # the tiny model's rate
 
     out = run("evaluate.py", "--n", 4, "--num-problems", 8, cwd=tmp_path)
     report = json.load(open(glob.glob(str(tmp_path / "runs" / "eval-*" / "report" / "report.json"))[0]))

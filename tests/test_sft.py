@@ -330,6 +330,18 @@ def test_final_folder_loads_in_transformers_with_identical_logits(tmp_path, tiny
     assert args["max_len"] == 64 and args["template"] == "raw" and args["batch_tokens"] == 64
 
 
+def test_default_lr_depends_on_the_model(tmp_path, tiny_assets):
+    # From scratch (--init-config) or the bundled model: the tiny-model rate; a given
+    # pretrained checkpoint: a fine-tuning rate, so `--model Qwen...` is never hit with 2e-3.
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    final = train_sft.main(base_args(tiny_assets, data, tmp_path / "scratch", "--max-steps", "1"))
+    assert json.load(open(tmp_path / "scratch" / "args.json"))["lr"] == train_sft.TINY_LR
+    train_sft.main(["--model", str(final), "--data", str(data), "--out", str(tmp_path / "tuned"),
+                    "--max-len", "64", "--tokens-per-micro-batch", "128", "--val-fraction", "0",
+                    "--device", "cpu", "--max-steps", "1"])
+    assert json.load(open(tmp_path / "tuned" / "args.json"))["lr"] == train_sft.MODEL_LR
+
+
 def test_non_finite_loss_skips_then_stops(tmp_path, tiny_assets, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     real = train_sft.response_logprobs
