@@ -29,12 +29,16 @@ model, settings that show learning on a CPU in minutes). Explicit flags override
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
 from collections import defaultdict
 
 from minirl.common import BUNDLED_MODEL  # assets/tiny-arith
+
+# grpo.policy_loss statistics that are counts or sums (the others are per-token means).
+COUNT_STATS = ("n_tokens", "entropy_sum", "n_completion_tokens")
 
 PRESETS = {
     "drgrpo": dict(lr=1e-6, warmup_steps=0, beta=0.0, temperature=1.0, top_p=1.0, top_k=0,
@@ -375,7 +379,7 @@ def main():
                         lp, m = grpo.completion_logprobs(ref_model, mb, pad_id, args.temperature)
                         for s, row, mm in zip(mb, lp, m):
                             s.ref_logprobs = row[mm].float()
-        stats_sum, loss_sum, grad_norm, skipped, train_tokens = defaultdict(float), 0.0, 0.0, 0, 0
+        stats_sum, loss_sum, grad_norm, skipped, train_tokens = {}, 0.0, 0.0, 0, 0
         n_updates = 0
         for epoch in range(args.epochs_per_rollout):
             g = torch.Generator().manual_seed(args.seed * 7 + step * 131 + epoch)
@@ -386,6 +390,7 @@ def main():
                 active = [s for s in chunk if s.loss_mask]
                 num_seq, num_tok = len(active), sum(len(s.completion_ids) for s in active)
                 optimizer.zero_grad()
+                update_loss = 0.0  # this update's loss, kept on the device until the update
                 for mb in grpo.micro_batches(chunk, micro_tokens):
                     loss, st = grpo.policy_loss(
                         model, mb, pad_id=pad_id, temperature=args.temperature, eps_low=args.eps_low,
@@ -393,13 +398,17 @@ def main():
                         aggregation=args.loss_aggregation, num_sequences=num_seq, num_tokens=num_tok,
                         norm_length=args.max_new_tokens, on_policy=on_policy)
                     loss.backward()
-                    loss_sum += loss.item()
+                    update_loss = update_loss + loss.detach()
+                    # Statistics stay 0-dim device tensors (no host sync per micro-batch);
+                    # the per-token means are weighted by their token counts.
                     for k, v in st.items():
-                        weight = 1.0 if k in ("n_tokens", "entropy_sum", "n_completion_tokens") else float(st["n_tokens"])
-                        stats_sum[k] += float(v) * weight
+                        v = v.detach() if k in COUNT_STATS else v.detach() * st["n_tokens"]
+                        stats_sum[k] = stats_sum[k] + v if k in stats_sum else v
                     train_tokens += sum(len(s.prompt_ids) + len(s.completion_ids) for s in mb)
+                update_loss = float(update_loss)  # one read per update (with the grad norm's)
+                loss_sum += update_loss
                 norm, finite = grad_norm_and_finite(model.parameters(), args.grad_clip)
-                if finite and torch.isfinite(torch.tensor(loss_sum)):
+                if finite and math.isfinite(update_loss):
                     optimizer.step()
                     bad_steps = 0
                 else:
@@ -416,6 +425,9 @@ def main():
         t_train = time.time() - t0
 
         # logging
+        keys = list(stats_sum)
+        values = torch.stack([stats_sum[k].float() for k in keys]).tolist() if keys else []
+        stats_sum = defaultdict(float, zip(keys, values))  # one transfer for all statistics
         ntok = max(stats_sum["n_tokens"], 1.0)
         rec = {
             "step": step, "reward_mean": mean(rewards_all), "correct_frac": mean(correct_all),

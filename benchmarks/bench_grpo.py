@@ -52,7 +52,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -64,7 +63,7 @@ import torch  # noqa: E402
 
 import minirl  # noqa: E402
 from minirl import grpo, tasks  # noqa: E402
-from minirl.common import BUNDLED_MODEL  # noqa: E402
+from minirl.common import BUNDLED_MODEL, device_description  # noqa: E402
 from minirl.losses import grpo_token_loss  # noqa: E402
 from minirl.model import ModelConfig, Transformer  # noqa: E402
 from minirl.training import MasterAdamW, grad_norm_and_finite  # noqa: E402
@@ -108,17 +107,6 @@ def parse_args():
 
 
 # ----------------------------------------------------------------------------- measuring
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"CPU {name} ({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()})"
-
 
 def current_rss():
     """Resident set size of this process in bytes (Linux /proc)."""
@@ -453,7 +441,7 @@ def main():
     models = args.models or preset["models"]
     if preset_name == "gpu" and any(m not in MODELS for m in models):
         sys.exit(f"--models: choose from {', '.join(MODELS)}")
-    dev_name = device_name(device)
+    dev_name = device_description(device)
     print(f"device: {dev_name}; torch {torch.__version__}; preset {preset_name}", flush=True)
     if device.type == "cpu" and not reset_peak_rss():
         print("note: /proc/self/clear_refs not writable: CPU peaks are process-lifetime peaks", flush=True)

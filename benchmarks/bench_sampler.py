@@ -23,7 +23,6 @@ cache up to its current length) / measured device-to-device copy bandwidth.
 """
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -34,20 +33,10 @@ sys.path.insert(0, ROOT)
 
 import minirl  # noqa: E402
 from minirl.sampler import generate, kv_bytes_per_token  # noqa: E402
+from minirl.common import device_description  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(os.environ.get("MINIRL_TEST_CACHE", os.path.expanduser("~/.cache/minirl-tests")),
                              "smollm2-135m-instruct")
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"CPU {name}, {torch.get_num_threads()} threads"
 
 
 def sync(device):
@@ -126,7 +115,7 @@ def cpu_main(args):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # force the length
     hf.generation_config.pad_token_id = 0
-    print(f"device: {device_name(device)}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"device: {device_description(device)}; torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"model: {path} (fp32); prompts {args.prompt_len} tokens (random ids), {args.new_tokens} new "
           f"tokens, greedy, 1 sequence per prompt; best of {args.repeats}")
     # Warm-up (first-call costs on both sides).
@@ -196,7 +185,7 @@ def gpu_main(args):
     import transformers
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
-    print(f"device: {device_name(device)}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"device: {device_description(device)}; torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"measured device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s")
     P, T = args.gpu_prompt_len, args.gpu_new_tokens
     for name, shape in QWEN_SHAPES.items():

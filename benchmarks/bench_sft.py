@@ -19,7 +19,6 @@ and is not timed.
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from minirl.model import ModelConfig, Transformer  # noqa: E402
 from minirl.sft import (Sequence, collate, mean_causal_context, micro_batches,  # noqa: E402
                         model_flops_per_token, plan_epoch, response_logprobs)
 from minirl.training import MasterAdamW  # noqa: E402
+from minirl.common import device_description  # noqa: E402
 
 # Qwen2.5-1.5B (config.json of the release): the seed paper's model size.
 QWEN25_15B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
@@ -66,19 +66,6 @@ def synthetic_sequences(n, vocab, max_len, prompt_median, response_median, sigma
         ids = rng.integers(3, vocab, p + r).tolist()
         out.append(Sequence(ids, [0] * p + [1] * r, str(i), f"example {i}"))
     return out
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs, {torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_layout(args, preset):
@@ -131,7 +118,7 @@ def run_layout(args, preset):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
-    out = {"layout": args.layout, "device": device_name(device), "steps": n_steps,
+    out = {"layout": args.layout, "device": device_description(device), "steps": n_steps,
            "seconds": round(dt, 3), "tokens": real, "tokens_per_s": real / dt,
            "real_fraction": real / computed, "response_fraction": targets / real,
            "params": sum(p.numel() for p in model.parameters()), "max_len": max_len,

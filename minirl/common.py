@@ -2,6 +2,7 @@
 atomic file writes, and seeding. Dtypes and devices are decided here and nowhere else."""
 import json
 import os
+import platform
 import random
 import shutil
 import tempfile
@@ -25,6 +26,21 @@ def default_dtype(device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def device_description(device=None) -> str:
+    """The GPU's name, or the CPU's model with its core and torch-thread counts: what a
+    benchmark or run log should say it ran on."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU {name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def parse_dtype(name):
