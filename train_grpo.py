@@ -427,16 +427,16 @@ def main():
         # logging
         keys = list(stats_sum)
         values = torch.stack([stats_sum[k].float() for k in keys]).tolist() if keys else []
-        stats_sum = defaultdict(float, zip(keys, values))  # one transfer for all statistics
-        ntok = max(stats_sum["n_tokens"], 1.0)
+        stats = defaultdict(float, zip(keys, values))  # one transfer for all statistics
+        ntok = max(stats["n_tokens"], 1.0)
         rec = {
             "step": step, "reward_mean": mean(rewards_all), "correct_frac": mean(correct_all),
             "zero_std_frac": n_zero_std / max(n_groups, 1), "groups_kept": len(kept), "groups_sampled": n_groups,
             "sampling_rounds": rounds, "len_mean": mean(lengths), "len_max": max(lengths) if lengths else 0,
             "truncated_frac": mean(truncated), "loss": loss_sum / max(n_updates, 1),
-            "clip_low": stats_sum["clip_low_frac"] / ntok, "clip_high": stats_sum["clip_high_frac"] / ntok,
-            "ratio_mean": stats_sum["ratio_mean"] / ntok if stats_sum["n_tokens"] else 1.0,
-            "kl": stats_sum["kl_mean"] / ntok, "entropy": stats_sum["entropy_sum"] / max(stats_sum["n_completion_tokens"], 1.0),
+            "clip_low": stats["clip_low_frac"] / ntok, "clip_high": stats["clip_high_frac"] / ntok,
+            "ratio_mean": stats["ratio_mean"] / ntok if stats["n_tokens"] else 1.0,
+            "kl": stats["kl_mean"] / ntok, "entropy": stats["entropy_sum"] / max(stats["n_completion_tokens"], 1.0),
             "grad_norm": grad_norm, "lr": lr, "skipped_updates": skipped, "grader_timeouts": grader_timeouts[0],
             "gen_tok_s": gen_tokens / max(t_gen, 1e-9), "train_tok_s": train_tokens / max(t_train, 1e-9),
             "t_gen": t_gen, "t_train": t_train,

@@ -35,8 +35,9 @@ def main():
     import torch
     work = args.workdir or tempfile.mkdtemp(prefix="minirl-demo-")
     os.makedirs(work, exist_ok=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    print(f"device: {device} | torch {torch.__version__} | workdir {work}")
+    sys.path.insert(0, ROOT)
+    from minirl.common import device_description
+    print(f"device: {device_description()} | torch {torch.__version__} | workdir {work}")
     for script in ("train_grpo.py", "train_sft.py", "evaluate.py"):
         seconds, out = run(script, work)
         print(f"\n== python {script}: {seconds / 60:.1f} min")

@@ -71,7 +71,9 @@ def main():
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         from conftest import build_smollm2_folder
         build_smollm2_folder(args.model)
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} | model: {args.model}")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from minirl.common import device_description
+    print(f"device: {device_description(device)} | model: {args.model}")
     results = {}
     for which in ("minirl", "transformers"):
         runs = [measure(which, args.model, device) for _ in range(args.repeats)]
