@@ -53,6 +53,25 @@ def parse_dtype(name):
     return table[name]
 
 
+def make_generator(seed: int, purpose: str, *keys: int, device="cpu") -> torch.Generator:
+    """The one rule for every random stream in minirl: a torch.Generator seeded from
+    (seed, purpose, *keys) through a hash, e.g. make_generator(seed, "rollout", step, round).
+
+    Streams with different purposes or keys are unrelated (no arithmetic seed formulas that
+    collide, such as step * 64 + round once round >= 64), and a stream depends only on its
+    own keys: a resumed run, or a run split over more processes, draws the same numbers."""
+    import hashlib
+    text = repr((int(seed), str(purpose)) + tuple(int(k) for k in keys)).encode()
+    value = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") % (2**63)
+    g = torch.Generator(device=device)
+    g.manual_seed(value)
+    return g
+
+
+class TrainingDiverged(Exception):
+    """Too many non-finite updates in a row: not a user error (exit status 1, one line)."""
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)

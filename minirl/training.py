@@ -22,7 +22,7 @@ import time
 import torch
 
 from minirl.checkpoint import load_model, save_model
-from minirl.common import AtomicDir, MinirlError, atomic_write_json
+from minirl.common import AtomicDir, MinirlError, TrainingDiverged, atomic_write_json
 
 # ---------------------------------------------------------------- optimizer
 
@@ -217,12 +217,50 @@ def load_checkpoint(ckpt_dir: str, device, dtype):
 
 
 def run_main(main):
-    """Run an entry script's main(): a MinirlError becomes one line on stderr and exit 2."""
+    """Run an entry script's main(): a MinirlError becomes one line on stderr and exit 2,
+    a TrainingDiverged (non-finite updates) one line and exit 1."""
     try:
         main()
     except MinirlError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+class BadSteps:
+    """The one policy for non-finite updates, shared by both training scripts: the update is
+    skipped (gradients dropped), and after `limit` skipped updates in a row the run stops
+    with TrainingDiverged (the last checkpoint is kept)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def record(self, finite: bool, what: str = "update") -> bool:
+        """Count one update; True if it may be applied. Raises after `limit` bad in a row."""
+        if finite:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            raise TrainingDiverged(f"{self.in_row} {what}s in a row with a non-finite loss or gradient "
+                                   f"(--max-bad-steps {self.limit}); the last checkpoint is kept; "
+                                   "lower --lr or check the data")
+        return False
+
+
+def check_resume_args(saved: dict, current: dict, may_change, path: str):
+    """The one resume rule for both scripts: every setting in args.json must equal this
+    invocation's, except those in `may_change` (where to log, how long to run, the device)."""
+    changed = [k for k, v in current.items() if k not in may_change and k in saved and saved[k] != v]
+    if changed:
+        k = changed[0]
+        raise MinirlError(f"--resume: --{k.replace('_', '-')} is {current[k]!r} but the run in "
+                          f"{path} used {saved[k]!r}; resume with the same value"
+                          + (f" (also differ: {', '.join('--' + c.replace('_', '-') for c in changed[1:])})"
+                             if len(changed) > 1 else ""))
 
 
 def format_duration(seconds: float) -> str:
