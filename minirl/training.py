@@ -134,6 +134,20 @@ def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
 # ---------------------------------------------------------------- run folder
 
 
+def check_out_dir(out: str, resume: bool, flag: str = "--out"):
+    """The one run-folder rule of the training scripts, checked before any work: a folder
+    that already holds a run is continued with --resume and refused without it (two runs
+    never mix in one folder); a folder that cannot be created or written is refused."""
+    if not resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise MinirlError(f"{flag} {out}: already holds a run; pass --resume to continue it "
+                          "or choose another folder")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise MinirlError(f"{flag} {out}: cannot write there ({parent} is not a writable folder)")
+
+
 class RunDir:
     """runs/NAME/: args.json, metrics.jsonl, checkpoints/step_NNNNNN (HF folder + trainer_state.pt)."""
 
