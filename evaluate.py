@@ -242,7 +242,7 @@ def cmd_sample(args):
 
     atomic_write_text(out, "".join(json.dumps(o) + "\n" for o in done))  # drop a partial chunk
     start_problem = len(done) // args.n
-    chunks = range(start_problem // args.chunk_problems, -(-len(problems) // args.chunk_problems))
+    chunks = range(-(-start_problem // args.chunk_problems), -(-len(problems) // args.chunk_problems))
     progress = Progress(len(problems), start_problem)
     if start_problem:
         print(f"resuming {out}: {start_problem}/{len(problems)} problems already sampled", flush=True)

@@ -300,3 +300,163 @@ def test_running_beside_the_clone_says_why_import_fails(tmp_path):
                               cwd=cwd, capture_output=True, text=True, timeout=60,
                               env={**env, "PYTHONPATH": ROOT})
         assert proc.returncode == 0 and proc.stdout.strip() == "load_model", proc.stderr
+
+
+# ---------------------------------------------------------------- end to end: train_grpo.py
+
+
+def run_script(script, *flags, umask=None, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def grpo_flags(out):
+    """4 steps of the demo preset on the bundled model, checkpoints at steps 2 and 4."""
+    return ["--steps", 4, "--prompts-per-step", 4, "--num-samples", 4, "--max-new-tokens", 32,
+            "--train-problems", 64, "--eval-problems", 8, "--eval-samples", 2, "--eval-every", 0,
+            "--save-every", 2, "--keep-last", 3, "--out", out]
+
+
+def run_metrics(out):
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS}
+            for m in map(json.loads, open(os.path.join(out, "metrics.jsonl")))]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """One uninterrupted run, made under umask 022."""
+    out = tmp_path_factory.mktemp("grpo") / "straight"
+    run_script("train_grpo.py", *grpo_flags(out), umask=0o022)
+    return out
+
+
+def test_grpo_outputs_readable_under_umask_022(grpo_run):
+    for name in ("args.json", "summary.json", "metrics.jsonl"):
+        assert mode(grpo_run / name) == 0o644, name
+    for folder in (grpo_run / "final", grpo_run / "checkpoints" / "step_000004"):
+        for root, dirs, files in os.walk(folder):
+            assert mode(root) == 0o755, root
+            for name in files:
+                assert mode(os.path.join(root, name)) == 0o644, os.path.join(root, name)
+
+
+@pytest.mark.parametrize("damage", ["weights", "trainer_state"])
+def test_grpo_resume_after_damage_equals_uninterrupted_run(grpo_run, tmp_path, damage):
+    """The latest checkpoint damaged, metrics.jsonl torn mid-line and a save's leftover
+    .tmp-* folder: --resume falls back to step 2 and ends exactly as the straight run."""
+    out = tmp_path / "damaged"
+    shutil.copytree(grpo_run, out)
+    latest = out / "checkpoints" / "step_000004"
+    truncate(latest / ("model/model.safetensors" if damage == "weights" else "trainer_state.pt"))
+    shutil.copytree(latest, out / "checkpoints" / ".tmp-step_000006-k1ll3d")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "reward_mean": 0.')
+    run_script("train_grpo.py", *grpo_flags(out), "--resume")
+    assert run_metrics(out) == run_metrics(grpo_run)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000002", "step_000004"]
+    assert verify_checkpoint(str(latest)) is None
+    for name in ("model.safetensors", "config.json"):
+        assert open(out / "final" / name, "rb").read() == open(grpo_run / "final" / name, "rb").read()
+
+
+# ---------------------------------------------------------------- end to end: evaluate.py sample
+
+
+def sample_flags(model, out, **over):
+    flags = {"--model": model, "--task": "arithmetic", "--task-levels": "1,2", "--num-problems": 5,
+             "--n": 4, "--max-new-tokens": 12, "--template": "raw", "--chunk-problems": 2, "--seed": 5,
+             "--out": out}
+    flags.update(over)
+    return ["sample"] + [str(x) for kv in flags.items() for x in kv]
+
+
+def test_sample_torn_chunk_dropped_and_file_completed(tiny_model_dir, tmp_path):
+    full = tmp_path / "full.jsonl"
+    run_script("evaluate.py", *sample_flags(tiny_model_dir, full), umask=0o022)
+    assert mode(full) == 0o644 and mode(tmp_path / "full.settings.json") == 0o644
+    data = open(full, "rb").read()
+    lines = data.splitlines(keepends=True)
+    assert len(lines) == 20  # 5 problems x 4 samples; the last chunk holds one problem
+    # Killed while writing the third chunk: two whole chunks, then half a line.
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(lines[:16]) + lines[16][:len(lines[16]) // 2])
+    shutil.copy(tmp_path / "full.settings.json", tmp_path / "cut.settings.json")
+    proc = run_script("evaluate.py", *sample_flags(tiny_model_dir, cut))
+    assert "4/5 problems already sampled" in proc.stdout
+    assert open(cut, "rb").read() == data
+    # A complete file is left as it is (its short last chunk counts as whole).
+    proc = run_script("evaluate.py", *sample_flags(tiny_model_dir, cut))
+    assert "5/5 problems already sampled" in proc.stdout and open(cut, "rb").read() == data
+    # A torn line before the last is damage, not an interruption: file and line named.
+    cut.write_bytes(b"".join(lines[:3]) + lines[3][:20] + b"\n" + b"".join(lines[4:]))
+    proc = run_script("evaluate.py", *sample_flags(tiny_model_dir, cut), check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {cut}:4: not valid JSON"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+BAD_SAMPLE_FLAGS = [
+    ({"--temperature": -1}, "--temperature must be a finite number >= 0"),
+    ({"--temperature": "nan"}, "--temperature must be a finite number >= 0"),
+    ({"--top-p": 0}, "--top-p must be in (0, 1]"),
+    ({"--top-p": 1.5}, "--top-p must be in (0, 1]"),
+    ({"--top-k": -1}, "--top-k must be >= 0"),
+    ({"--n": 0}, "--n must be >= 1"),
+    ({"--max-new-tokens": 0}, "--max-new-tokens must be >= 1"),
+    ({"--chunk-problems": 0}, "--chunk-problems must be >= 1"),
+    ({"--num-problems": 0}, "--num-problems must be >= 1"),
+    ({"--limit": 0}, "--limit must be >= 1"),
+    ({"--template": "nope"}, "--template 'nope'"),
+    ({"--dtype": "fp8"}, "--dtype: unknown dtype"),
+    ({"--device": "gpu7"}, "--device 'gpu7': not a device"),
+    ({"--task-levels": "1,x"}, "--task-levels '1,x'"),
+    ({"--out": "/proc/x/s.jsonl"}, "--out /proc/x/s.jsonl: cannot write there"),
+]
+
+
+def test_sample_flag_checks(tiny_model_dir, tmp_path):
+    """evaluate.check_sample_args on every bad flag (the subprocess test below runs a few)."""
+    sys.path.insert(0, ROOT)
+    try:
+        import evaluate
+    finally:
+        sys.path.remove(ROOT)
+    for flags, message in BAD_SAMPLE_FLAGS:
+        args = evaluate.build_parser().parse_args(sample_flags(tiny_model_dir, tmp_path / "o" / "s.jsonl", **flags))
+        with pytest.raises(MinirlError) as e:
+            evaluate.check_sample_args(args)
+        assert message in str(e.value) and "\n" not in str(e.value)
+    evaluate.check_sample_args(evaluate.build_parser().parse_args(sample_flags(tiny_model_dir, tmp_path / "o" / "s.jsonl")))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"--temperature": -1}, "--temperature must be a finite number >= 0"),
+    ({"--top-p": 1.5}, "--top-p must be in (0, 1]"),
+    ({"--top-k": -1}, "--top-k must be >= 0"),
+    ({"--n": 0}, "--n must be >= 1"),
+    ({"--max-new-tokens": 500}, "exceed the model's context (128)"),
+    ({"--out": "/proc/x/s.jsonl"}, "--out /proc/x/s.jsonl: cannot write there"),
+], ids=["temperature", "top-p", "top-k", "n", "context", "unwritable-out"])
+def test_sample_bad_flags_one_line_before_any_work(tiny_model_dir, tmp_path, flags, message):
+    """Checked before the model loads (its weights here are garbage, so loading them would
+    fail differently) and before anything is written."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    out = tmp_path / "out" / "s.jsonl"
+    proc = run_script("evaluate.py", *sample_flags(model, out, **flags), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_refused_sample_leaves_nothing_that_blocks_the_fixed_command(tiny_model_dir, tmp_path):
+    out = tmp_path / "s.jsonl"
+    proc = run_script("evaluate.py", *sample_flags(tiny_model_dir, out, **{"--temperature": -1}), check=False)
+    assert proc.returncode == 2 and os.listdir(tmp_path) == []
+    run_script("evaluate.py", *sample_flags(tiny_model_dir, out))
+    assert len(open(out).readlines()) == 20
