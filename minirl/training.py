@@ -216,18 +216,23 @@ class RunDir:
         """(checkpoint folder or None, notes): what --resume continues from. Call once, when a
         resumed run starts (never while another process may be saving into this folder).
 
-        Removes the .tmp-* folders an interrupted save left behind, then takes the newest
+        Removes the .tmp-* files and folders an interrupted save left behind (in the run
+        folder and in checkpoints/: a killed save of final/ leaves a whole model), then takes the newest
         checkpoint that verify_checkpoint accepts; each damaged one skipped gets a note, e.g.
         "checkpoint step_000006 is damaged (...); resuming from step_000004". The notes are
         for the entry script to print. Raises MinirlError when checkpoints exist but every
         one is damaged (starting over silently would hide it)."""
         notes = []
-        leftovers = sorted(e.name for e in os.scandir(self.ckpt_root) if e.name.startswith(".tmp-"))
-        for name in leftovers:
-            shutil.rmtree(os.path.join(self.ckpt_root, name), ignore_errors=True)
+        leftovers = sorted(e.path for folder in (self.path, self.ckpt_root) for e in os.scandir(folder)
+                           if e.name.startswith(".tmp-"))
+        for path in leftovers:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
         if leftovers:
-            notes.append(f"removed {len(leftovers)} unfinished checkpoint folder(s) left by an "
-                         f"interrupted save ({', '.join(leftovers)})")
+            notes.append(f"removed {len(leftovers)} unfinished file(s) left by an interrupted save ("
+                         + ", ".join(os.path.relpath(p, self.path) for p in leftovers) + ")")
         damaged = []
         for ckpt in reversed(self.checkpoints()):
             problem = verify_checkpoint(ckpt)

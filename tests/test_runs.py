@@ -138,12 +138,16 @@ def test_leftover_tmp_folders_are_removed_on_resume(run_with_checkpoints):
     shutil.copytree(ckpt(run, 6), os.path.join(run.ckpt_root, ".tmp-step_000008-abc123"))
     truncate(os.path.join(run.ckpt_root, ".tmp-step_000008-abc123", "trainer_state.pt"))
     os.makedirs(os.path.join(run.ckpt_root, ".tmp-step_000006-xyz.old"))
+    # ... and what a kill while writing final/ or args.json leaves in the run folder.
+    shutil.copytree(os.path.join(ckpt(run, 6), "model"), os.path.join(run.path, ".tmp-final-q9"))
+    open(os.path.join(run.path, ".tmp-w2args.json"), "w").write('{"lr": ')
     assert [os.path.basename(c) for c in run.checkpoints()] == ["step_000002", "step_000004", "step_000006"]
     path, notes = run.resume_checkpoint()
     assert path == ckpt(run, 6)
-    assert notes == ["removed 2 unfinished checkpoint folder(s) left by an interrupted save "
-                     "(.tmp-step_000006-xyz.old, .tmp-step_000008-abc123)"]
+    assert notes == ["removed 4 unfinished file(s) left by an interrupted save (.tmp-final-q9, .tmp-w2args.json, "
+                     "checkpoints/.tmp-step_000006-xyz.old, checkpoints/.tmp-step_000008-abc123)"]
     assert sorted(os.listdir(run.ckpt_root)) == ["step_000002", "step_000004", "step_000006"]
+    assert sorted(os.listdir(run.path)) == ["checkpoints"]
 
 
 def test_saving_again_replaces_a_damaged_checkpoint(run_with_checkpoints, tiny_model_dir):
