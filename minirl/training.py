@@ -142,10 +142,17 @@ def check_out_dir(out: str, resume: bool, flag: str = "--out"):
     that already holds a run is continued with --resume and refused without it (two runs
     never mix in one folder); a folder that cannot be created or written is refused (by
     trying, not by asking os.access, which says yes to root even under /proc)."""
-    if not resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
+    if not resume and holds_run(out):
         raise MinirlError(f"{flag} {out}: already holds a run; pass --resume to continue it "
                           "or choose another folder")
     check_writable_dir(out, flag)
+
+
+def holds_run(folder: str) -> bool:
+    """Whether a run has started in `folder` (any of the files a run writes is there)."""
+    ckpts = os.path.join(folder, "checkpoints")
+    return (any(os.path.exists(os.path.join(folder, name)) for name in ("metrics.jsonl", "args.json", "final"))
+            or os.path.isdir(ckpts) and any(CHECKPOINT_NAME.match(n) for n in os.listdir(ckpts)))
 
 
 CHECKPOINT_NAME = re.compile(r"step_(\d+)$")

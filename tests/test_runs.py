@@ -265,6 +265,16 @@ def test_check_out_dir(tmp_path):
         check_out_dir(str(new), resume=False)
     check_out_dir(str(new), resume=True)
     assert sorted(os.listdir(new)) == ["checkpoints", "metrics.jsonl"]
+    # A run killed before its first metrics line is a run too; an empty folder is not.
+    for leftover in ("args.json", "final/", "checkpoints/step_000002/"):
+        other = tmp_path / leftover.strip("/").replace("/", "_")
+        os.makedirs(other / leftover if leftover.endswith("/") else other, exist_ok=True)
+        if not leftover.endswith("/"):
+            (other / leftover).write_text("{}")
+        with pytest.raises(MinirlError, match="already holds a run"):
+            check_out_dir(str(other), resume=False)
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    check_out_dir(str(tmp_path / "empty"), resume=False)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
