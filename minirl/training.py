@@ -14,7 +14,6 @@ master weights) and the weights themselves.
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -337,7 +336,9 @@ def load_checkpoint(ckpt_dir: str, device, dtype):
     model = load_model(os.path.join(ckpt_dir, "model"), device=device, dtype=dtype)
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # PytorchStreamReader, unpickling, zip errors: the file is unusable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MinirlError(f"{state_path}: damaged trainer state ({first}); resume from an "
                           "earlier checkpoint by removing this one") from None
