@@ -450,11 +450,9 @@ def test_sample_flag_checks(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("flags,message", [
     ({"--temperature": -1}, "--temperature must be a finite number >= 0"),
     ({"--top-p": 1.5}, "--top-p must be in (0, 1]"),
-    ({"--top-k": -1}, "--top-k must be >= 0"),
-    ({"--n": 0}, "--n must be >= 1"),
     ({"--max-new-tokens": 500}, "exceed the model's context (128)"),
     ({"--out": "/proc/x/s.jsonl"}, "--out /proc/x/s.jsonl: cannot write there"),
-], ids=["temperature", "top-p", "top-k", "n", "context", "unwritable-out"])
+], ids=["temperature", "top-p", "context", "unwritable-out"])
 def test_sample_bad_flags_one_line_before_any_work(tiny_model_dir, tmp_path, flags, message):
     """Checked before the model loads (its weights here are garbage, so loading them would
     fail differently) and before anything is written."""
