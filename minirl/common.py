@@ -223,7 +223,7 @@ def _parse_json_line(path, lineno: int, line: bytes):
     try:
         return json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
-        raise MinirlError(f"{path}:{lineno}: not valid UTF-8") from None
+        raise MinirlError(f"{path}:{lineno}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise MinirlError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
