@@ -289,9 +289,10 @@ def write_manifest(folder: str, step: int):
 def verify_checkpoint(ckpt_dir: str):
     """None if the checkpoint is complete, else what is wrong, in a few words.
 
-    Checks what a kill, a full disk or a power cut leaves (missing or truncated files), not
-    bit-level corruption: every file in manifest.json is present with its size, each
-    safetensors header parses and its tensors fit in the file, config.json parses and
+    Checks what a kill, a full disk or a power cut leaves (missing, truncated or zeroed
+    files), not bit-level corruption: every file in manifest.json is present with its size,
+    each safetensors file starts with its recorded header length, the header parses and its
+    tensors fit in the file, config.json parses and
     trainer_state.pt's zip directory (at the end of the file) reads. Checkpoints written
     before manifests existed get the same checks without the size list. Reads no weights."""
     state_path = os.path.join(ckpt_dir, "trainer_state.pt")
@@ -310,6 +311,10 @@ def verify_checkpoint(ckpt_dir: str):
             if size != entry.get("size"):
                 return f"{rel} {'truncated' if size < entry.get('size', 0) else 'has the wrong size'}: " \
                        f"{size} of {entry.get('size')} bytes"
+            if "header_bytes" in entry:
+                with open(path, "rb") as f:
+                    if int.from_bytes(f.read(8), "little") != entry["header_bytes"]:
+                        return f"{rel} does not start with the header it was written with"
     elif not os.path.exists(state_path):
         return "trainer_state.pt missing"
     model_dir = os.path.join(ckpt_dir, "model")

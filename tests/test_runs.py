@@ -103,6 +103,19 @@ def test_every_checkpoint_damaged_is_one_clear_error(run_with_checkpoints):
         run.resume_checkpoint()
 
 
+def test_zeroed_weights_of_the_right_size_are_caught(run_with_checkpoints):
+    """A power cut can leave a file at its full size but full of zero bytes."""
+    run = run_with_checkpoints
+    path = os.path.join(ckpt(run, 6), "model", "model.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "wb") as f:
+        f.write(bytes(size))
+    path, notes = run.resume_checkpoint()
+    assert path == ckpt(run, 4)
+    assert notes == ["checkpoint step_000006 is damaged (model/model.safetensors does not start with the "
+                     "header it was written with); resuming from step_000004"]
+
+
 def test_checkpoint_without_manifest_is_accepted_and_still_checked(run_with_checkpoints):
     """Checkpoints written before manifests existed: accepted when their files read."""
     run = run_with_checkpoints
