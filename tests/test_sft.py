@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 
 import train_sft  # noqa: E402
 from minirl import MinirlError, load_model  # noqa: E402
+from minirl.common import TrainingDiverged  # noqa: E402
 from minirl.model import ModelConfig, Transformer  # noqa: E402
 from minirl.sft import (Sequence, collate, encode_messages, encode_pair, micro_batches,  # noqa: E402
                         pack_rows, plan_epoch, response_logprobs, select_samples)
@@ -346,7 +347,7 @@ def test_non_finite_loss_skips_then_stops(tmp_path, tiny_assets, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     real = train_sft.response_logprobs
     monkeypatch.setattr(train_sft, "response_logprobs", lambda m, b: real(m, b) * float("nan"))
-    with pytest.raises(MinirlError, match="3 steps in a row with a non-finite loss"):
+    with pytest.raises(TrainingDiverged, match="3 steps in a row with a non-finite loss"):
         train_sft.main(base_args(tiny_assets, data, tmp_path / "run", "--max-bad-steps", "3",
                                  "--batch-tokens", "64"))
     lines = metric_lines(tmp_path / "run")

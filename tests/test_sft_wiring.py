@@ -264,7 +264,7 @@ def test_init_config_std_and_seed_reach_the_weights(tmp_path, tok):
                  "--max-len", "64", "--tokens-per-micro-batch", "64", "--batch-tokens", "4096",
                  "--max-steps", "1", "--device", "cpu"], tmp_path)
         model = Transformer(ModelConfig.from_hf(config))
-        model.init_weights(0.11, generator=torch.Generator().manual_seed(seed))  # TEMP
+        model.init_weights(0.11, generator=make_generator(seed, "init-weights"))
         with torch.no_grad():
             ref = float(step_loss(model, examples))
         lines = metrics(out)
