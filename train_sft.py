@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 from collections import defaultdict
 from types import SimpleNamespace
@@ -191,6 +192,19 @@ def check_flags(args):
             bad(flag, f"needs the {module} package, which is not installed")
     args.out = args.out or os.path.join("runs", "sft-" + time.strftime("%Y%m%d-%H%M%S"))
     check_out_dir(args.out, args.resume)
+    probe_writable(args.out)
+
+
+def probe_writable(out):
+    """Create and remove an empty folder where the run folder will be: os.access says yes to
+    root everywhere (even in /proc), an actual mkdir does not lie."""
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
+    except OSError as e:
+        raise MinirlError(f"--out {out}: cannot write there ({parent}: {e.strerror})") from None
 
 
 def check_paths(args):
