@@ -22,6 +22,7 @@ state; `--resume` continues exactly), final/ (HF folder), summary.json (held-out
 for the default task data, held-out accuracy, before and after training).
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -188,7 +189,7 @@ def check_flags(args):
         bad("--dtype", f"{args.dtype}: {e}")
     for flag, on, module in (("--wandb-project", args.wandb_project, "wandb"),
                              ("--tensorboard", args.tensorboard, "tensorboard")):
-        if on and importlib_find(module) is None:
+        if on and importlib.util.find_spec(module) is None:
             bad(flag, f"needs the {module} package, which is not installed")
     args.out = args.out or os.path.join("runs", "sft-" + time.strftime("%Y%m%d-%H%M%S"))
     check_out_dir(args.out, args.resume)
@@ -242,11 +243,6 @@ def parse_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MinirlError(f"--device {name}: CUDA is not available on this machine")
     return device
-
-
-def importlib_find(module):
-    import importlib.util
-    return importlib.util.find_spec(module)
 
 
 def resolve_defaults(args, config):
