@@ -26,7 +26,6 @@ import importlib.util
 import json
 import math
 import os
-import tempfile
 import time
 from collections import defaultdict
 from types import SimpleNamespace
@@ -192,20 +191,7 @@ def check_flags(args):
         if on and importlib.util.find_spec(module) is None:
             bad(flag, f"needs the {module} package, which is not installed")
     args.out = args.out or os.path.join("runs", "sft-" + time.strftime("%Y%m%d-%H%M%S"))
-    check_out_dir(args.out, args.resume)
-    probe_writable(args.out)
-
-
-def probe_writable(out):
-    """Create and remove an empty folder where the run folder will be: os.access says yes to
-    root everywhere (even in /proc), an actual mkdir does not lie."""
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
-    except OSError as e:
-        raise MinirlError(f"--out {out}: cannot write there ({parent}: {e.strerror})") from None
+    check_out_dir(args.out, args.resume)  # tries a write: os.access says yes to root even in /proc
 
 
 def check_paths(args):
@@ -359,7 +345,9 @@ def open_run(args):
     after every input was checked."""
     run = RunDir(args.out)
     # --resume with no checkpoint yet starts the run (so a preemptible job can always pass it).
-    ckpt = run.latest_checkpoint() if args.resume else None
+    ckpt, notes = run.resume_checkpoint() if args.resume else (None, [])
+    for note in notes:  # damaged checkpoints skipped, leftovers of an interrupted save removed
+        print(note, flush=True)
     saved_path = os.path.join(args.out, "args.json")
     if ckpt is not None and os.path.exists(saved_path):
         with open(saved_path, encoding="utf-8") as f:
@@ -367,7 +355,8 @@ def open_run(args):
     if ckpt is None:
         if args.resume:
             print(f"--resume: no checkpoint in {args.out} yet; starting the run")
-            run.truncate_metrics(-1)
+            for note in run.truncate_metrics(-1):
+                print(note, flush=True)
         run.save_args(settings(args))
     run.enable_loggers(args.wandb_project, args.tensorboard, os.path.basename(args.out), settings(args))
     return run, ckpt
@@ -397,7 +386,8 @@ def build_model(args, config, ckpt, run):
                             weight_decay=args.weight_decay)
     if ckpt is not None:
         optimizer.load_state_dict(state["optimizer"])
-        run.truncate_metrics(start_step)
+        for note in run.truncate_metrics(start_step):
+            print(note, flush=True)
         print(f"resumed from {ckpt} at step {start_step}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.init_config or args.model} ({n_params / 1e6:.2f}M parameters, {dtype}, {device}); "
