@@ -100,28 +100,30 @@ def jinja2_blocked_env(tmp_path):
     return {"PYTHONPATH": f"{shadow.parent}{os.pathsep}{ROOT}"}
 
 
-@pytest.mark.parametrize("gen", [True, False])
-def test_builtin_chatml_without_jinja2_equals_smollm2_jinja(smollm2_dir, tmp_path, gen):
+def test_builtin_chatml_without_jinja2_equals_smollm2_jinja(smollm2_dir, tmp_path):
     """Without jinja2 the builtin ChatML renderer gives exactly the string the model's own
     Jinja template gives (SmolLM2's default system prompt included)."""
+    import json
     tok = minirl.load_tokenizer(smollm2_dir)
     expected = [render_jinja_template(tok.chat_template, m, gen, bos_token=tok.bos_token,
-                                      eos_token=tok.eos_token) for m in CONVERSATIONS]
+                                      eos_token=tok.eos_token) for m in CONVERSATIONS for gen in (True, False)]
     assert expected[0].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     code = f"""
         import json, sys
         import minirl
         t = minirl.load_tokenizer({smollm2_dir!r})
-        out = [t.apply_chat_template(m, add_generation_prompt={gen}) for m in {CONVERSATIONS!r}]
+        out = [t.apply_chat_template(m, add_generation_prompt=gen) for m in {CONVERSATIONS!r} for gen in (True, False)]
         assert 'jinja2' not in sys.modules
+        try:
+            from minirl.tokenizer import render_jinja_template
+            render_jinja_template('x', [], True)
+        except ImportError as e:
+            assert 'blocked by the test' in str(e)   # the shadow really blocks jinja2
+        else:
+            raise AssertionError('jinja2 was importable')
         print(json.dumps(out))
     """
-    import json
-    env = jinja2_blocked_env(tmp_path)
-    assert json.loads(run_child(code, env)) == expected
-    # The shadow really blocks jinja2: rendering through Jinja fails there.
-    with pytest.raises(AssertionError, match="jinja2 blocked"):
-        run_child("from minirl.tokenizer import render_jinja_template as r; r('x', [], True)", env)
+    assert json.loads(run_child(code, jinja2_blocked_env(tmp_path))) == expected
 
 
 @pytest.mark.parametrize("name,template,bos", [("llama3", LLAMA3_TEMPLATE, "<|begin_of_text|>"),
