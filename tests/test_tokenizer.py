@@ -61,6 +61,7 @@ def run_child(code, env_extra=None, timeout=60):
     return r.stdout
 
 
+@pytest.mark.fresh_process
 def test_chat_template_in_a_fresh_process(smollm2_dir):
     """The issue's command: a fresh process renders a real model's Jinja chat template (this
     crashed with `module 'jinja2' has no attribute 'ext'` when transformers was not imported
@@ -76,6 +77,7 @@ def test_chat_template_in_a_fresh_process(smollm2_dir):
                                "Hugging Face<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.fresh_process
 def test_import_minirl_is_light():
     """`import minirl` loads neither the 1,700-line grader nor transformers; the grader's
     functions are still reachable as minirl.grade etc. (imported on first use)."""
@@ -100,6 +102,7 @@ def jinja2_blocked_env(tmp_path):
     return {"PYTHONPATH": f"{shadow.parent}{os.pathsep}{ROOT}"}
 
 
+@pytest.mark.fresh_process
 def test_builtin_chatml_without_jinja2_equals_smollm2_jinja(smollm2_dir, tmp_path):
     """Without jinja2 the builtin ChatML renderer gives exactly the string the model's own
     Jinja template gives (SmolLM2's default system prompt included)."""
