@@ -19,9 +19,10 @@ if os.environ.get("MINIRL_BLOCK_TRANSFORMERS") == "1":
         raise RuntimeError("MINIRL_BLOCK_TRANSFORMERS=1 but transformers is already imported")
     sys.meta_path.insert(0, _BlockTransformers())
 
-    # That run repeats the in-process tests only. These modules run the entry scripts (or pip)
-    # in child processes, which never see a test's imports, so repeating them adds nothing
-    # (and they are the slow ones); tests marked fresh_process are left out for the same reason.
+    # That run repeats the in-process tests only, to stay fast. These modules are (mostly)
+    # runs of the entry scripts or pip in child processes, which never see a test's imports
+    # and are the slow ones; tests marked fresh_process are left out for the same reason.
+    # (A module that marks its script runs fresh_process can leave this list.)
     collect_ignore = ["test_demo.py", "test_evaluate.py", "test_grpo.py", "test_sft.py",
                       "test_real_model.py", "test_install.py"]
 
@@ -38,6 +39,7 @@ def pytest_collection_modifyitems(config, items):
     if len(keep) < len(items):
         config.hook.pytest_deselected(items=[it for it in items if it not in keep])
         items[:] = keep
+
 
 # The Triton interpreter must be chosen before triton is imported anywhere.
 if "TRITON_INTERPRET" not in os.environ:
