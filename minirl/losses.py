@@ -25,8 +25,8 @@ import os
 
 import torch
 
-from kernels.linear_logprobs import linear_logprobs_chunked
-from kernels.reference import KL_ESTIMATORS, grpo_token_loss_reference, token_logprobs_reference
+from minirl.kernels.linear_logprobs import linear_logprobs_chunked
+from minirl.kernels.reference import KL_ESTIMATORS, grpo_token_loss_reference, token_logprobs_reference
 from minirl.common import MinirlError
 
 BACKENDS = ("auto", "triton", "torch")
@@ -101,7 +101,7 @@ def token_logprobs(logits, targets, return_entropy=False, backend=None):
     if logits.dtype not in _KERNEL_DTYPES:
         raise MinirlError(f"the Triton kernel takes bf16, fp16 or fp32 logits, got "
                           f"{logits.dtype} (use backend='torch')")
-    from kernels.logprobs import token_logprobs_triton
+    from minirl.kernels.logprobs import token_logprobs_triton
 
     logits2d = logits.reshape(-1, V)  # [N, V]; a view whenever the rows are evenly strided
     if logits2d.stride(-1) != 1:  # the kernel needs contiguous rows; rows may be strided
@@ -216,7 +216,7 @@ def grpo_token_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2,
         return None if x is None else x.to(torch.float32).contiguous()
 
     if resolve_backend(backend, logp.device) == "triton":
-        from kernels.grpo_loss import grpo_token_loss_triton
+        from minirl.kernels.grpo_loss import grpo_token_loss_triton
 
         loss, ratio, kl, clipped = grpo_token_loss_triton(
             f32(logp), f32(old_logp), f32(advantages), mask.contiguous(), eps_low, eps_high,
