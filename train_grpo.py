@@ -129,6 +129,9 @@ def build_parser():
     a("--stop-after", type=int, default=None, help="stop this invocation after k steps (resume later)")
     a("--wandb-project", default=None)
     a("--tensorboard", action="store_true")
+    a("--dump-rollouts", default=None, metavar="FILE",
+      help="append each step's rollouts (tokens, rewards, advantages) and its updates (mini-batch "
+           "membership, loss) to FILE as one JSON line per step, to inspect or recompute a step")
     return p
 
 
@@ -355,7 +358,8 @@ def main():
                     kept.append((i, group, rewards))
 
         # 4. advantages and the samples the update sees
-        samples = []
+        samples, dump_samples, dump_updates = [], [], []
+        rewards_of = {id(c): r for _, group, rs in kept for c, r in zip(group, rs)}
         if kept:
             rewards_t = torch.tensor([r for _, _, r in kept])  # [P, n]
             adv = grpo.group_advantages(rewards_t, args.advantage_std)
@@ -363,6 +367,9 @@ def main():
                 for c, a in zip(group, a_row):
                     mask_it = args.truncated == "mask" and c.finish_reason == "length"
                     samples.append(grpo.Sample(prompt_ids[i], list(c.token_ids), a, loss_mask=not mask_it))
+                    dump_samples.append({"prompt_ids": prompt_ids[i], "completion_ids": list(c.token_ids),
+                                         "reward": rewards_of[id(c)], "advantage": a,
+                                         "finish_reason": c.finish_reason, "group": len(dump_samples) // args.num_samples})
 
         # 5-6. policy update
         t0 = time.time()
@@ -391,6 +398,7 @@ def main():
                 num_seq, num_tok = len(active), sum(len(s.completion_ids) for s in active)
                 optimizer.zero_grad()
                 update_loss = 0.0  # this update's loss, kept on the device until the update
+                ratios = []
                 for mb in grpo.micro_batches(chunk, micro_tokens):
                     loss, st = grpo.policy_loss(
                         model, mb, pad_id=pad_id, temperature=args.temperature, eps_low=args.eps_low,
@@ -405,7 +413,11 @@ def main():
                         v = v.detach() if k in COUNT_STATS else v.detach() * st["n_tokens"]
                         stats_sum[k] = stats_sum[k] + v if k in stats_sum else v
                     train_tokens += sum(len(s.prompt_ids) + len(s.completion_ids) for s in mb)
+                    ratios += [float(st["ratio_min"]), float(st["ratio_max"])] if args.dump_rollouts else []
                 update_loss = float(update_loss)  # one read per update (with the grad norm's)
+                dump_updates.append({"epoch": epoch, "samples": order[mbi * per_mb:(mbi + 1) * per_mb],
+                                     "loss": update_loss, "ratio_min": min(ratios, default=1.0),
+                                     "ratio_max": max(ratios, default=1.0)})
                 loss_sum += update_loss
                 norm, finite = grad_norm_and_finite(model.parameters(), args.grad_clip)
                 if finite and math.isfinite(update_loss):
@@ -446,6 +458,9 @@ def main():
             if ev:
                 rec.update({f"eval/{k}": v for k, v in flatten(ev).items()})
         run.log(rec)
+        if args.dump_rollouts:
+            with open(args.dump_rollouts, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "samples": dump_samples, "updates": dump_updates}) + "\n")
         print(f"step {step:4d}/{args.steps} | reward {rec['reward_mean']:.3f} correct {rec['correct_frac']:.3f} "
               f"zero-std {rec['zero_std_frac']:.2f} | len {rec['len_mean']:.0f}/{rec['len_max']} "
               f"trunc {rec['truncated_frac']:.2f} | clip {rec['clip_low']:.3f}/{rec['clip_high']:.3f} "
