@@ -250,10 +250,14 @@ def naive_policy_loss(model, samples, *, pad_id, temperature, eps_low, eps_high,
     return loss, stats
 
 
-def train(model, optimizer, samples, loss_fn, pad_id, preset, args):
-    """Phase 3: loss over micro-batches, backward, clipping, optimizer step. -> (tokens, loss)."""
+def train(model, optimizer, samples, loss_fn, pad_id, preset, args, skip_zero=True):
+    """Phase 3: loss over micro-batches, backward, clipping, optimizer step. -> (tokens, loss).
+    With beta = 0, samples whose advantage is 0 are skipped as train_grpo.py does (same
+    denominators, same update) unless skip_zero is False."""
     model.train()
     num_seq, num_tok = len(samples), sum(len(s.completion_ids) for s in samples)
+    if args.beta == 0 and skip_zero:
+        samples = [s for s in samples if s.advantage != 0]
     tokens, loss_sum = 0, 0.0
     optimizer.zero_grad()
     for mb in grpo.micro_batches(samples, args.micro_batch_tokens):
@@ -319,6 +323,11 @@ def bench_model(name, preset, args, device):
         s["training"] = timed_training(model, optimizer, samples, grpo.policy_loss, pad_id, preset, args, device)
         if "peak_abs" in s["training"]:
             peaks.append(s["training"].pop("peak_abs"))
+        s["zero_adv_frac"] = sum(x.advantage == 0 for x in samples) / len(samples)
+        if args.beta == 0:  # the same update without skipping the zero-advantage samples
+            s["training_all_samples"] = timed_training(model, optimizer, samples, grpo.policy_loss, pad_id,
+                                                       preset, args, device, skip_zero=False)
+            s["training_all_samples"].pop("peak_abs", None)
         s["step_peak_mem"] = max(peaks) if device.type == "cuda" else max(0, max(peaks) - rss_step)
         if not args.no_naive:
             s["naive_training"] = timed_training(model, optimizer, samples, naive_policy_loss, pad_id,
@@ -328,7 +337,10 @@ def bench_model(name, preset, args, device):
         print(f"  {name} step {step + 1}/{args.warmup + args.steps}{'' if s['measured'] else ' (warm-up)'}: "
               f"gen {s['generation']['seconds']:.2f}s logprobs {s['logprobs']['seconds']:.2f}s "
               f"train {fmt_seconds(s['training'])} naive {fmt_seconds(s.get('naive_training'))} | "
-              f"len {s['completion_len_mean']:.1f} reward {reward:.3f}", flush=True)
+              f"len {s['completion_len_mean']:.1f} reward {reward:.3f} zero-adv {s['zero_adv_frac']:.2f}"
+              + (f" | train CPU s: skipping {s['training']['cpu_seconds']:.2f}, without skipping "
+                 f"{s['training_all_samples']['cpu_seconds']:.2f}" if args.beta == 0 else ""),
+              flush=True)
     del model, ref_model, optimizer
     gc.collect()
     if device.type == "cuda":
@@ -341,10 +353,10 @@ def phase_record(ph, tokens):
             "tokens_per_s": tokens / ph.seconds, "peak_mem": ph.peak, "peak_abs": ph.peak_abs}
 
 
-def timed_training(model, optimizer, samples, loss_fn, pad_id, preset, args, device):
+def timed_training(model, optimizer, samples, loss_fn, pad_id, preset, args, device, skip_zero=True):
     try:
         with Phase(device) as ph:
-            tokens, loss = train(model, optimizer, samples, loss_fn, pad_id, preset, args)
+            tokens, loss = train(model, optimizer, samples, loss_fn, pad_id, preset, args, skip_zero)
     except torch.cuda.OutOfMemoryError:
         optimizer.zero_grad()
         gc.collect()

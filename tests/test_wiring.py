@@ -13,6 +13,7 @@ count, eps_high=eps_low, training log-probs at temperature 1) each fail these te
 (tests/mutate.py plants them).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -222,3 +223,119 @@ def test_first_pass_ratio_is_one_at_any_temperature(tmp_path, temperature):
     first = dump["updates"][0]
     assert abs(first["ratio_min"] - 1) < 1e-5 and abs(first["ratio_max"] - 1) < 1e-5, first
     assert max(abs(u["ratio_max"] - 1) for u in dump["updates"][1:]) > 1e-3  # later ones moved
+
+
+# ---------------------------------------------------------------- regressions and new features
+
+def test_every_sample_is_trained_with_one_group_and_four_mini_batches(tmp_path):
+    """Mini-batch split: 1 prompt x 4 samples over 4 mini-batches is 4 updates of one sample
+    (it once trained on 0 samples); 5 samples over 2 mini-batches use all 5."""
+    for n, k in ((4, 4), (5, 2)):
+        flags = ["--prompts-per-step", 1, "--num-samples", n, "--mini-batches", k, "--temperature", 1.5,
+                 "--task-levels", "2"]
+        metrics, dump, _ = run_step(tmp_path, *flags, name=f"split{n}x{k}")
+        assert sorted(i for u in dump["updates"] for i in u["samples"]) == list(range(n))
+        assert sorted(len(u["samples"]) for u in dump["updates"]) == sorted([n // k + (j < n % k) for j in range(k)])
+
+
+@pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+def test_skipping_zero_advantage_samples_gives_the_same_update(tmp_path, aggregation):
+    """beta = 0: the samples of all-equal groups are skipped (no forward/backward) and the
+    update is the same as computing them; checked on the gradient of one mini-batch
+    (weights after a plain SGD step of lr 1), for every aggregation."""
+    import argparse
+    sys.path.insert(0, ROOT)
+    import train_grpo
+    from minirl import grpo, load_tokenizer
+
+    metrics, dump, _ = run_step(tmp_path, "--temperature", 1.3, name="rollouts")
+    samples = [grpo.Sample(x["prompt_ids"], x["completion_ids"], x["advantage"]) for x in dump["samples"]]
+    assert any(s.advantage == 0 for s in samples) and any(s.advantage != 0 for s in samples)
+    grads = {}
+    for mode in ("skip", "train"):
+        model = load_model(BUNDLED, device="cpu")
+        args = argparse.Namespace(beta=0.0, zero_advantage=mode, temperature=1.3, eps_low=0.2, eps_high=0.28,
+                                  kl_estimator="k3", loss_aggregation=aggregation, max_new_tokens=24,
+                                  rollout_correction="none", rollout_correction_cap=2.0, dump_rollouts=None)
+        S = train_grpo.Setup(args, torch.device("cpu"), None, load_tokenizer(BUNDLED), [], [], [], [],
+                             model=model, micro_tokens=64)
+        U = {"stats": {}, "train_tokens": 0}
+        train_grpo.train_mini_batch(S, samples, True, U)
+        with torch.no_grad():
+            grads[mode] = {k: p - p.grad for k, p in model.named_parameters()}  # SGD, lr 1
+        grads[mode + "_tokens"] = U["train_tokens"]
+    assert grads["skip_tokens"] < grads["train_tokens"]  # less work
+    for k in grads["train"]:
+        torch.testing.assert_close(grads["skip"][k], grads["train"][k], rtol=0, atol=1e-7, msg=k)
+
+
+def test_same_folder_rerun_is_refused_and_bad_flags_write_nothing(tmp_path):
+    run_step(tmp_path, name="r")
+    proc = run_step(tmp_path, name="r", check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    for flags, message in ((["--temperature", 0], "--temperature must be > 0"),
+                           (["--lr", -1], "--lr must be > 0"), (["--top-p", 0], "--top-p"),
+                           (["--eval-samples", 0], "--eval-samples must be >= 1")):
+        proc = run_step(tmp_path, *flags, name="fresh", check=False)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1
+        assert not os.path.exists(tmp_path / "fresh") and not os.path.exists(tmp_path / "fresh.jsonl")
+
+
+# ---------------------------------------------------------------- sampler vs trainer (rollout correction)
+
+def test_sampler_log_probs_match_the_trainer_in_fp32(tmp_path):
+    """Same model code on both sides: the sampler's log-probs equal the trainer's (old)
+    log-probs within 1e-5, and tis (every weight ~1) changes the update by < 1e-6."""
+    flags = ["--temperature", 0.8, "--epochs-per-rollout", 2, "--micro-batch-tokens", 64]
+    m_none, d_none, w_none = run_step(tmp_path, *flags, name="none")
+    assert m_none[0]["mismatch_abs_max"] < 1e-5 and m_none[0]["mismatch_k3"] < 1e-10
+    initial = load_model(BUNDLED, device="cpu")
+    with torch.no_grad():  # and independently of the run's own trainer
+        for x in d_none["samples"]:
+            ours = sequence_logprobs(initial, x["prompt_ids"], x["completion_ids"], 0.8)
+            torch.testing.assert_close(torch.tensor(x["sampler_logprobs"], dtype=torch.float64), ours,
+                                       rtol=0, atol=1e-5)
+    m_tis, d_tis, w_tis = run_step(tmp_path, *flags, "--rollout-correction", "tis", name="tis")
+    assert m_tis[0]["correction_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert m_tis[0]["correction_capped_frac"] == 0
+    # AdamW normalises each weight's step, so rounding-level differences in near-zero
+    # gradients show as up to lr per weight: compare the whole update (as above).
+    start = initial.state_dict()
+    diff = sum(float(((w_tis[k] - w_none[k]) ** 2).sum()) for k in w_none)
+    size = sum(float(((w_none[k] - start[k]) ** 2).sum()) for k in w_none)
+    assert (diff / size) ** 0.5 < 1e-3, (diff / size) ** 0.5
+
+
+def test_bf16_mismatch_is_logged_and_weights_match_an_independent_computation(tmp_path):
+    metrics, dump, _ = run_step(tmp_path, "--dtype", "bf16", "--rollout-correction", "tis",
+                                "--rollout-correction-cap", 1.01, "--epochs-per-rollout", 2)
+    m = metrics[0]
+    assert m["mismatch_abs_max"] > 0 and math.isfinite(m["mismatch_k3"])
+    # The trainer's bf16 old log-probs, recomputed here from the full logits, give the weights.
+    model = load_model(BUNDLED, device="cpu", dtype=torch.bfloat16)
+    weights, capped, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x in dump["samples"]:
+            ids = torch.tensor([x["prompt_ids"] + x["completion_ids"]])
+            p, c = len(x["prompt_ids"]), len(x["completion_ids"])
+            logits = model(ids)[0, p - 1:p + c - 1].float()
+            old = torch.log_softmax(logits, -1).gather(-1, torch.tensor(x["completion_ids"])[:, None])[:, 0]
+            rho = torch.exp(old - torch.tensor(x["sampler_logprobs"]))
+            weights += float(rho.clamp(max=1.01).sum())
+            capped += int((rho > 1.01).sum())
+            n += c
+    assert m["correction_weight_mean"] == pytest.approx(weights / n, abs=2e-3)
+    assert m["correction_capped_frac"] == pytest.approx(capped / n, abs=0.05)
+
+
+def test_a_different_sampler_shows_up_and_tis_caps_it(tmp_path):
+    """Sampling at a temperature the trainer does not use (top-k 3 truncation plays that
+    part here: the sampler draws from a renormalised top-3, the trainer scores the full
+    softmax) raises the mismatch, and tis caps the weights."""
+    plain, _, _ = run_step(tmp_path, "--temperature", 1.5, name="plain")
+    m, dump, _ = run_step(tmp_path, "--temperature", 1.5, "--top-k", 3, "--rollout-correction", "tis",
+                          "--rollout-correction-cap", 0.9, name="topk")
+    m = m[0]
+    assert m["mismatch_k3"] > 1e-4 and m["mismatch_abs_max"] > 0.1 and m["mismatch_frac_gt_0.1"] > 0
+    assert plain[0]["mismatch_abs_max"] < 1e-5
+    assert 0 < m["correction_capped_frac"] <= 1 and m["correction_weight_mean"] <= 0.9
