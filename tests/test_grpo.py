@@ -199,3 +199,17 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir, task_files, tmp_
     rec = metrics(out)
     assert [m["skipped_updates"] for m in rec] == [1]  # step 1 logged and skipped; step 2 stops
     assert not os.path.exists(out / "final")
+
+
+def test_progress_eta_ignores_one_slow_step(monkeypatch):
+    """The ETA is the median of recent step times: a slow first step (warm-up) or one slow
+    step (an evaluation) does not move it."""
+    from minirl import training
+    now = [0.0]
+    monkeypatch.setattr(training.time, "time", lambda: now[0])
+    p = training.Progress(100)
+    assert p.eta(0).endswith("ETA ?")
+    for step, seconds in enumerate([60.0] + [2.0] * 8 + [30.0], start=1):
+        now[0] += seconds
+        line = p.eta(step)
+    assert line.endswith("ETA 3:00"), line  # 90 steps left x 2 s
