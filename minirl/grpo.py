@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from minirl.common import MinirlError
-from minirl.losses import linear_logprobs, resolve_backend
+from kernels.linear_logprobs import linear_logprobs_chunked
+from minirl.losses import resolve_backend
 
 STD_MODES = ("group", "batch", "none")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
@@ -193,8 +194,11 @@ def completion_logprobs(model, samples, pad_id: int, temperature: float = 1.0, r
     h = h.reshape(-1, h.shape[-1]).index_select(0, pred_pos[mask])  # [M, H] completion positions
     if temperature != 1.0:
         h = h / temperature  # (h / tau) W^T = logits / tau
-    out = linear_logprobs(h, model.lm_head_weight, targets[mask], return_entropy=return_entropy,
-                          backend=backend)
+    # The fused log-prob path without minirl.losses.linear_logprobs's input checks (and their
+    # host sync): the targets are the model's own sampled tokens, in range by construction.
+    use_triton = resolve_backend(backend, h.device) == "triton"
+    out = linear_logprobs_chunked(h.contiguous(), model.lm_head_weight, targets[mask], return_entropy,
+                                  None, use_triton)
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device)  # [B, Tc]
     if return_entropy:
         logp = logp.masked_scatter(mask, out[0])

@@ -155,7 +155,7 @@ TIMING_KEYS = {"t_gen", "t_train", "gen_tok_s", "train_tok_s"}
 
 
 def test_resume_gives_the_same_metrics(tiny_model_dir, task_files, tmp_path):
-    flags = ["--beta", 0.05, "--epochs-per-rollout", 2]
+    flags = ["--beta", 0.05, "--epochs-per-rollout", 2, "--rollout-correction", "tis", "--mini-batches", 3]
     run_grpo(*common_flags(tiny_model_dir, task_files, tmp_path / "a", 4), *flags)
     run_grpo(*common_flags(tiny_model_dir, task_files, tmp_path / "b", 4), *flags, "--stop-after", 2)
     assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2]

@@ -275,7 +275,8 @@ def test_same_folder_rerun_is_refused_and_bad_flags_write_nothing(tmp_path):
     assert proc.returncode == 2 and "already holds a run" in proc.stderr and len(proc.stderr.splitlines()) == 1
     for flags, message in ((["--temperature", 0], "--temperature must be > 0"),
                            (["--lr", -1], "--lr must be > 0"), (["--top-p", 0], "--top-p"),
-                           (["--eval-samples", 0], "--eval-samples must be >= 1")):
+                           (["--eval-samples", 0], "--eval-samples must be >= 1"),
+                           (["--out", "/proc/1/no/run"], "cannot write there")):
         proc = run_step(tmp_path, *flags, name="fresh", check=False)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1
         assert not os.path.exists(tmp_path / "fresh") and not os.path.exists(tmp_path / "fresh.jsonl")
