@@ -25,8 +25,7 @@ Presets: "drgrpo" (the default with --model: Dr. GRPO / Oat-Zero's recipe, the R
 Kim et al., arXiv 2505.14216, analyse: lr 1e-6, beta 0, temperature 1.0, 8 samples, no std,
 constant normaliser), "kim-trl" (the TRL settings of Kim et al.'s own GRPO run), and "demo" (the
 default without --model: the bundled tiny model, settings that show learning on a CPU in
-minutes). Explicit flags override presets. (Hu et al., arXiv 2505.21067, is the other study
-these presets follow.)
+minutes). Explicit flags override presets.
 
 Reading order: main() is setup plus the loop; one step is collect_rollouts ->
 compute_advantages -> update_policy -> log_step, each defined below in that order. The loss
