@@ -61,7 +61,7 @@ import minirl
 from minirl import grpo, tasks
 from minirl.common import (BUNDLED_MODEL, MinirlError, atomic_write_json, default_device, default_dtype,
                           make_generator, parse_dtype)
-from minirl.data import format_prompt, load_problems
+from minirl.data import format_prompt, load_problems, prompt_add_special_tokens
 from minirl.training import (BadSteps, MasterAdamW, Progress, RunDir, check_out_dir, check_resume_args,
                              grad_norm_and_finite, load_checkpoint, lr_at, use_gradient_checkpointing)
 
@@ -261,7 +261,7 @@ def load_data(args, tokenizer):
         held_out = (load_problems(args.eval_data) if args.eval_data else
                     tasks.make_problems(args.task, args.eval_problems, seed=args.seed + 7_777_777, levels=levels)
                     if args.eval_problems else [])
-    add_special = args.template != "chat"  # chat templates write their own BOS
+    add_special = prompt_add_special_tokens(args.template, tokenizer)  # a chat template writes its own BOS
 
     def encode(problem):
         return tokenizer.encode(format_prompt(problem.question, args.template, tokenizer), add_special_tokens=add_special)
@@ -282,13 +282,16 @@ def load_policy(S, dtype):
     """Model (from the latest checkpoint with --resume), reference model, optimizer; returns
     (start step, data position, checkpoint extras)."""
     args, state, start_step, data_pos, extra = S.args, None, 0, 0, {}
-    ckpt = S.run.latest_checkpoint() if args.resume else None
+    ckpt, notes = S.run.resume_checkpoint() if args.resume else (None, [])
     if ckpt:
         S.model, state = load_checkpoint(ckpt, S.device, dtype)
         start_step, extra = state["step"], state["extra"]
         data_pos = extra["data_pos"]
-        S.run.truncate_metrics(start_step)
-    else:
+    if args.resume:  # metric lines after the checkpoint (or all, with none) are written again
+        notes += S.run.truncate_metrics(start_step if ckpt else -1)
+    for note in notes:  # damaged checkpoints skipped, a torn metrics line, leftovers removed
+        print(note, flush=True)
+    if not ckpt:
         S.model = minirl.load_model(args.model, device=S.device, dtype=dtype)
     if args.beta > 0:
         S.ref_model = minirl.load_model(args.model, device=args.ref_device or S.device, dtype=dtype)
