@@ -348,6 +348,18 @@ def judge_samples_of(path, per_problem):
             for p, (pid, q) in enumerate(zip(s.problem_ids, s.questions)) for j in range(m)]
 
 
+class JudgeProgress:
+    """A progress line at most every 10 seconds, and at the end."""
+
+    def __init__(self, t0):
+        self.t0, self.last = t0, time.time()
+
+    def __call__(self, done, total):
+        if done == total or time.time() - self.last >= 10:
+            self.last = time.time()
+            print(f"  {done}/{total} new judgments ({self.last - self.t0:.0f}s)", flush=True)
+
+
 def cmd_judge(args):
     from minirl import judge as J
     from minirl.common import MinirlError
@@ -368,9 +380,7 @@ def cmd_judge(args):
         out = args.out or J.judgments_path(path)
         cache = J.JudgmentCache(out)
         print(f"judging {len(samples)} responses x {len(behaviours)} behaviours of {path} with {judge.id}", flush=True)
-        progress = lambda done, total: print(f"  {done}/{total} new judgments ({time.time() - t0:.0f}s)",  # noqa: E731
-                                             flush=True)
-        stats = J.run_judge(samples, behaviours, judge, cache, progress=progress)
+        stats = J.run_judge(samples, behaviours, judge, cache, progress=JudgeProgress(t0))
         print(f"judgments: {out}: {stats.judged} new, {stats.cached} cached, {stats.unparseable} unparseable"
               + (f", {stats.failed} failed" if stats.failed else ""), flush=True)
         if getattr(judge, "truncated", 0):

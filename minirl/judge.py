@@ -267,8 +267,7 @@ class HTTPJudge:
         self.id = "api:" + name
         self.name, self.api_key, self.key_env = name, api_key, key_env
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.batch_size = concurrency
-        self.max_tokens = max_tokens
+        self.concurrency, self.max_tokens = concurrency, max_tokens
 
     def request(self, prompt):
         body = json.dumps({"model": self.name, "messages": [{"role": "user", "content": prompt}],
@@ -304,16 +303,31 @@ class HTTPJudge:
                 last = f"bad reply ({type(e).__name__}: {e})"
         raise JudgeRequestError(last)
 
-    def judge_items(self, items, pool):
-        """Answers (or JudgeRequestError instances) for `items`, requested concurrently."""
-        futures = [pool.submit(self.request, beh.render(q, r)) for beh, q, r in items]
-        out = []
-        for f in futures:
-            try:
-                out.append(f.result())
-            except JudgeRequestError as e:
-                out.append(e)
-        return out
+    def stream(self, items):
+        """Yield lists of (index, answer or JudgeRequestError) as requests finish: up to
+        `concurrency` requests in flight, each answer handed over as soon as it arrives (a
+        slow request holds up nothing but itself)."""
+        pool = concurrent.futures.ThreadPoolExecutor(self.concurrency)
+        pending, inflight = iter(enumerate(items)), {}
+        try:
+            while True:
+                for i, (beh, q, r) in pending:
+                    inflight[pool.submit(self.request, beh.render(q, r))] = i
+                    if len(inflight) >= self.concurrency:
+                        break
+                if not inflight:
+                    return
+                done, _ = concurrent.futures.wait(inflight, return_when=concurrent.futures.FIRST_COMPLETED)
+                out = []
+                for f in done:
+                    i = inflight.pop(f)
+                    try:
+                        out.append((i, f.result()))
+                    except JudgeRequestError as e:
+                        out.append((i, e))
+                yield out
+        finally:  # an error or an interruption: drop what was not sent, do not wait for it
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- running
@@ -327,13 +341,23 @@ class JudgeStats:
     last_error: str = ""
 
 
+def _batches(judge, items):
+    """(index, answer) lists from any judge: streamed for a server, batch by batch otherwise."""
+    if isinstance(judge, HTTPJudge):
+        yield from judge.stream(items)
+        return
+    for start in range(0, len(items), judge.batch_size):
+        answers = judge.judge_items(items[start:start + judge.batch_size])
+        yield list(enumerate(answers, start))
+
+
 def run_judge(samples, behaviours, judge, cache: JudgmentCache, progress=None) -> JudgeStats:
     """Judge every (sample, behaviour) not in the cache and append the answers to it.
 
     samples: dicts with problem_id, sample_index, question (may be missing) and response.
-    Works in batches of judge.batch_size; each finished batch is written before the next
-    starts. progress(done, total) is called after each batch. A run where no request has
-    succeeded and `failed` reaches 3 batches' worth stops early with a MinirlError."""
+    Answers are written to the cache as they arrive (batch by batch for a local judge).
+    progress(done, total) is called after each write. When no request has succeeded yet
+    and 3 x concurrency have failed (a wrong URL, a server down), stops with a MinirlError."""
     stats = JudgeStats()
     todo = []
     for s in samples:
@@ -345,33 +369,30 @@ def run_judge(samples, behaviours, judge, cache: JudgmentCache, progress=None) -
             else:
                 stats.cached += 1
                 stats.unparseable += rec["label"] is None
-    pool = concurrent.futures.ThreadPoolExecutor(judge.batch_size) if isinstance(judge, HTTPJudge) else None
-    try:
-        for start in range(0, len(todo), judge.batch_size):
-            batch = todo[start:start + judge.batch_size]
-            items = [(beh, s.get("question") or "", s["response"]) for _, s, beh in batch]
-            answers = judge.judge_items(items, pool) if pool else judge.judge_items(items)
-            records = []
-            for (key, s, beh), answer in zip(batch, answers):
-                if isinstance(answer, JudgeRequestError):
-                    stats.failed += 1
-                    stats.last_error = str(answer)
-                    continue
-                label = parse_answer(answer, beh.answer)
-                stats.unparseable += label is None
-                records.append({"key": key, "problem_id": s["problem_id"], "sample_index": s["sample_index"],
-                                "behaviour": beh.name, "judge": judge.id, "prompt_hash": beh.prompt_hash,
-                                "answer": answer, "label": label})
-            cache.append(records)
-            stats.judged += len(records)
-            if stats.judged == 0 and stats.failed >= 3 * judge.batch_size:
-                raise MinirlError(f"judge: the first {stats.failed} requests all failed ({stats.last_error}); "
-                                  "stopping (nothing was lost: re-run when the server answers)")
-            if progress:
-                progress(start + len(batch), len(todo))
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+    items = [(beh, s.get("question") or "", s["response"]) for _, s, beh in todo]
+    give_up = 3 * getattr(judge, "concurrency", 1)
+    done = 0
+    for answered in _batches(judge, items):
+        records = []
+        for i, answer in answered:
+            key, s, beh = todo[i]
+            if isinstance(answer, JudgeRequestError):
+                stats.failed += 1
+                stats.last_error = str(answer)
+                continue
+            label = parse_answer(answer, beh.answer)
+            stats.unparseable += label is None
+            records.append({"key": key, "problem_id": s["problem_id"], "sample_index": s["sample_index"],
+                            "behaviour": beh.name, "judge": judge.id, "prompt_hash": beh.prompt_hash,
+                            "answer": answer, "label": label})
+        cache.append(records)
+        stats.judged += len(records)
+        done += len(answered)
+        if stats.judged == 0 and stats.failed >= give_up:
+            raise MinirlError(f"judge: the first {stats.failed} requests all failed ({stats.last_error}); "
+                              "stopping (nothing was lost: re-run when the server answers)")
+        if progress:
+            progress(done, len(todo))
     return stats
 
 

@@ -300,6 +300,11 @@ def test_http_server_errors_are_retried_and_reported(tmp_path, server_factory):
     proc = run_eval("judge", samples, "--judge-url", server.url, *base, "--timeout", "0.5")
     assert "4 new, 0 cached, 0 unparseable" in proc.stdout
 
+
+
+def test_http_failures_keep_the_cache_and_say_so(tmp_path, server_factory):
+    samples, rows = write_samples(tmp_path / "s.jsonl", problems=2, n=2)
+    base = ["--judge-name", "scripted", "--behaviours", "backtracking", "--backoff", "0.01", "--concurrency", "2"]
     # Requests for problem p1 always fail: the others are cached, one clear line, exit 2.
     out = tmp_path / "j.jsonl"
     server = server_factory(fault=lambda n, p, h: 500 if "q1:" in p else None)
