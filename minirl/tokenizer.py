@@ -141,7 +141,7 @@ def load_tokenizer(path) -> Tokenizer:
 def render_jinja_template(template: str, messages, add_generation_prompt: bool, **special) -> str:
     """Render with the Jinja settings transformers uses (trim_blocks, lstrip_blocks,
     loopcontrols, raise_exception, strftime_now, tojson without ASCII escaping)."""
-    import jinja2
+    import jinja2.ext  # jinja2.ext is not loaded by `import jinja2` alone
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
