@@ -228,7 +228,9 @@ class ModelJudge:
 
     def __init__(self, model_dir, batch_size=16, max_new_tokens=16, device=None):
         import minirl
-        self.id = "model:" + os.path.basename(os.path.normpath(model_dir))
+        parts = os.path.normpath(model_dir).split(os.sep)
+        # runs/x/final and runs/y/final are different judges: keep the run's name.
+        self.id = "model:" + "/".join(parts[-2:] if parts[-1] in ("final", "model") and len(parts) > 1 else parts[-1:])
         self.tokenizer = minirl.load_tokenizer(model_dir)
         self.model = minirl.load_model(model_dir, device=device)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens

@@ -29,9 +29,18 @@ runs/base.jsonl.settings.json is read too). A JSON object with at least "model" 
 "n"; this module reads "label" (if present) or "model" (its last path part) as the
 model's name in the report, and copies the whole object into report.json.
 
+Optional "question" key (str): when present it must agree across a problem's lines.
+
 Comparing files: the first file (or `reference_index`) is the reference (base) model;
 every other file is compared with it. All files must hold the same problems and the
-same n, otherwise a MinirlError names both files.
+same n, otherwise a MinirlError names both files; the same problem ids with another gold
+answer or question (files sampled from other data) are refused too, naming an id.
+
+Also read when present: the judgments file beside a samples file (`<name>.judgments.jsonl`,
+written by `evaluate.py judge`, see minirl/judge.py) for the cognitive-behaviour tables, and
+the tokenizer of the settings' "model" folder (or `tokenizer=`) for the token-level
+frequencies. A judgment's sample_index is the sample's position among its problem's samples
+(sorted by sample_index).
 """
 import collections
 import io
