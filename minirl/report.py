@@ -727,8 +727,8 @@ def render_markdown(report: dict) -> str:
                f"answer entropy group answers "
                + ("by mathematical value (grader.canonical_answer: 1/2 and 0.5 are one answer).\n"
                   if st.get("answer_grouping", "string") == "canonical" else "by normalised string.\n"))
-    out.append("\n" + "".join(f"- **{m['label']}**: {m['path']}"
-                               + (f" (model {m['settings']['model']})" if (m.get("settings") or {}).get("model") else "")
+    model_of = lambda m: (m.get("settings") or {}).get("model")  # noqa: E731
+    out.append("\n" + "".join(f"- **{m['label']}**: {m['path']}" + (f" (model {model_of(m)})" if model_of(m) else "")
                                + "\n" for m in models))
 
     out.append("\n## Models\n\n")
@@ -916,7 +916,8 @@ def _behaviours_markdown(report):
     cell = lambda m, b: ("-" if b not in (m.get("behaviours") or {}) else  # noqa: E731
                          f"{_ci_text(m['behaviours'][b]['share'])} ({m['behaviours'][b]['judged']} / "
                          f"{m['behaviours'][b]['unparseable']})")
-    out.append(_table(["behaviour"] + [m["label"] for m in models], [[b] + [cell(m, b) for m in models] for b in names]))
+    out.append(_table(["behaviour"] + [m["label"] for m in models],
+                      [[b] + [cell(m, b) for m in models] for b in names]))
     out.append("\nCorrect / incorrect responses (%):\n\n")
     ci = lambda m, b: ("-" if b not in (m.get("behaviours") or {}) else  # noqa: E731
                        f"{_pct(m['behaviours'][b].get('correct'))} / {_pct(m['behaviours'][b].get('incorrect'))}")

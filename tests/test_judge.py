@@ -427,3 +427,11 @@ def test_judge_flag_errors(tmp_path):
     with pytest.raises(MinirlError, match="instead of samples"):
         ev.cmd_judge(ev.build_parser().parse_args(["judge", samples, "--calibrate", LABELS, "--judge", "keyword"]))
     assert not os.path.exists(tmp_path / "s.judgments.jsonl")  # nothing written by a refused run
+
+    # --behaviour-file brings your own behaviours.
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"guessing": {"definition": "d", "answer": "count", "prompt": "{response}",
+                                            "keywords": ["sample"]}}))
+    ev.cmd_judge(ev.build_parser().parse_args(["judge", samples, "--judge", "keyword", "--behaviour-file", str(own)]))
+    (rec,) = J.JudgmentCache(tmp_path / "s.judgments.jsonl").records.values()
+    assert rec["behaviour"] == "guessing" and rec["label"] == 1  # "(sample 0.0)" holds the keyword once
