@@ -411,7 +411,7 @@ def cmd_calibrate(args, behaviours):
     judge = make_judge(args)
     with tempfile.TemporaryDirectory() as tmp:
         cache = J.JudgmentCache(os.path.join(tmp, "calibration.judgments.jsonl"))
-        stats = J.run_judge(samples, behaviours, judge, cache)
+        stats = J.run_judge(samples, behaviours, judge, cache, progress=JudgeProgress(time.time()))
         predicted = {b.name: [cache.get(J.judgment_key(s["problem_id"], 0, s["response"], b, judge.id))
                               for s in samples] for b in behaviours}
     predicted = {k: [None if r is None else r["label"] for r in v] for k, v in predicted.items()}
