@@ -600,17 +600,50 @@ def is_character_level(tokenizer) -> bool:
     return all(len(k) <= 1 for k in token_keys(tokenizer))
 
 
+_PIECE = re.compile(r"\s*\S+|\s+$")
+
+
+def _encode_counts(texts, tokenizer, vocab_size):
+    """[V] token counts of texts, each encoded whole."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(texts), 4096):  # encode_batch runs in parallel in Rust
+        encs = tokenizer.tk.encode_batch(texts[start:start + 4096], add_special_tokens=False)
+        if encs:
+            flat = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encs] + [np.zeros(0, np.int64)])
+            counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
+    return counts
+
+
 def count_tokens(texts, tokenizer, keys=None) -> collections.Counter:
     """Token frequencies over all texts: each text is encoded by the tokenizer (no special
     tokens added) and every token is counted under its `token_key`; whitespace-only and
-    special tokens are not counted. keys: token_keys(tokenizer), when already computed."""
+    special tokens are not counted. keys: token_keys(tokenizer), when already computed.
+
+    Fast path: a text's pieces (a run of spaces plus the non-space characters after it) are
+    counted, and each *distinct* piece is encoded once. That equals encoding whole texts
+    when the tokenizer's pre-tokenizer splits at whitespace (byte-level BPE as in GPT-2,
+    Llama-3, Qwen, SmolLM2; WordPiece; word-level); it is checked on the first 256 texts
+    and, if they differ, every text is encoded whole instead."""
     keys = token_keys(tokenizer) if keys is None else keys
-    counts = np.zeros(len(keys), dtype=np.int64)
     texts = list(texts)
-    for start in range(0, len(texts), 4096):  # encode_batch runs in parallel in Rust
-        ids = [e.ids for e in tokenizer.tk.encode_batch(texts[start:start + 4096], add_special_tokens=False)]
-        flat = np.fromiter((i for row in ids for i in row), dtype=np.int64)
-        counts += np.bincount(flat, minlength=len(keys))[:len(keys)]
+    V = len(keys)
+    head = texts[:256]
+    pieces = collections.Counter(p for t in head for p in _PIECE.findall(t))
+    distinct = list(pieces)
+
+    def piece_counts(distinct, weights):
+        counts = np.zeros(V, dtype=np.int64)
+        for start in range(0, len(distinct), 4096):
+            encs = tokenizer.tk.encode_batch(distinct[start:start + 4096], add_special_tokens=False)
+            for e, piece in zip(encs, distinct[start:start + 4096]):
+                np.add.at(counts, np.asarray(e.ids, dtype=np.int64), weights[piece])
+        return counts
+
+    if np.array_equal(piece_counts(distinct, pieces), _encode_counts(head, tokenizer, V)):
+        pieces = collections.Counter(p for t in texts for p in _PIECE.findall(t))
+        counts = piece_counts(list(pieces), pieces)
+    else:
+        counts = _encode_counts(texts, tokenizer, V)
     out = collections.Counter()
     for i in np.flatnonzero(counts):
         if keys[i]:
