@@ -339,3 +339,35 @@ def test_canonical_key_groups_equal_values():
     assert c.ids.tolist() == [[0, 0, 0, 1]]
     s = M.answer_classes([["0.5", "1/2", "\\frac12", "3"]], [[True, True, True, False]])
     assert s.ids.tolist() == [[0, 1, 2, 3]]
+
+
+def _whole_text_counts(texts, tok):
+    keys = M.token_keys(tok)
+    counts = M._encode_counts(list(texts), tok, len(keys))
+    out = collections.Counter()
+    for i in np.flatnonzero(counts):
+        if keys[i]:
+            out[keys[i]] += int(counts[i])
+    return out
+
+
+def test_count_tokens_equals_whole_text_encoding(smollm2_dir):
+    import minirl
+    tok = minirl.load_tokenizer(smollm2_dir)
+    texts = ["Wait,  hmm\n\n so  the answer is \\boxed{1/2}.  ", "  leading spaces", "tail  ", "",
+             "Let me verify: 12*3 = 36.\nTherefore \\(x = \\frac{3}{4}\\)\u2026 ok"] * 3
+    assert M.count_tokens(texts, tok) == _whole_text_counts(texts, tok)
+    assert M.count_tokens(["Wait, wait"], tok)["wait"] == 2
+
+
+def test_count_tokens_falls_back_when_pieces_differ():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from minirl.tokenizer import Tokenizer
+    # No pre-tokenizer: "a b" is one unknown word whole, but "a" and " b" are known pieces.
+    tk = HFTokenizer(models.WordLevel({"[UNK]": 0, "a": 1, " b": 2, "a b": 3}, unk_token="[UNK]"))
+    tk.add_special_tokens(["[UNK]"])
+    tok = Tokenizer(tk, {"unk_token": "[UNK]"})
+    texts = ["a b", "a", "a b"]
+    assert M.count_tokens(texts, tok) == _whole_text_counts(texts, tok) == {"a b": 2, "a": 1}
