@@ -6,6 +6,7 @@ setup(
     description="Compact pure-PyTorch RL (GRPO family) and distillation for reasoning LLMs, "
     "with pass@k / accuracy-vs-capability analysis",
     packages=find_packages(include=["minirl", "minirl.*", "kernels", "kernels.*"]),
+    package_data={"minirl": ["behaviours.json"]},  # the judge's behaviour definitions
     python_requires=">=3.10",
     # Permissive on purpose: users bring their own (CUDA) torch. CI pins the CPU wheel.
     install_requires=[
