@@ -11,6 +11,11 @@ whole, so an interrupted run continues where it stopped (--resume is automatic) 
 the same file as an uninterrupted one. --banned-words restricts decoding (Hu et al.): every
 token whose text is one of the words (any case, with or without a leading space) is banned.
 
+`judge`: minirl.judge — labels each response for cognitive behaviours (verification,
+backtracking, ...) with a keyword baseline, a local model or an OpenAI-compatible server;
+judgments are cached beside the samples file (`<name>.judgments.jsonl`) and shown by
+`report`. `judge --calibrate LABELS.jsonl` scores a judge against hand labels.
+
 `report`: minirl.report.build_report — pass@k with bootstrap CIs, maj@k, difficulty bins of
 the reference (first) model, per-bin change, transition matrix, answer entropy, lengths,
 reflection phrases, token-frequency comparison; report.json, report.md and PNGs.
@@ -69,6 +74,35 @@ def add_report_args(p):
     a("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0 = none)")
     a("--seed", type=int, default=0)
     a("--no-plots", action="store_true")
+    a("--answer-grouping", default="canonical", choices=["canonical", "string"],
+      help="maj@k / answer entropy: group answers by mathematical value (grader.canonical_answer: "
+           "1/2 = 0.5) or by normalised string")
+    a("--tokenizer", default=None,
+      help="tokenizer folder for the token-level frequencies (default: each file's settings 'model')")
+    a("--judge-id", default=None, help="whose behaviour labels to show when a judgments file holds several")
+
+
+def add_judge_args(p):
+    a = p.add_argument
+    a("samples", nargs="*", help="samples files to judge (judgments go beside each: <name>.judgments.jsonl)")
+    a("--judge", default=None, choices=["keyword"], help="the keyword baseline judge (no model)")
+    a("--judge-model", default=None, help="a local HF folder, run greedily by minirl's sampler")
+    a("--judge-url", default=None, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    a("--judge-name", default=None, help="the model name the server expects (with --judge-url)")
+    a("--judge-key-env", default="OPENAI_API_KEY",
+      help="environment variable holding the API key (sent only when set)")
+    a("--behaviours", default=None, help="comma-separated behaviours (default: all in the file)")
+    a("--behaviour-file", default=None, help="your own behaviours file (format: minirl/behaviours.json)")
+    a("--per-problem", type=int, default=None, help="judge only the first M samples of each problem")
+    a("--concurrency", type=int, default=8, help="parallel requests (--judge-url)")
+    a("--timeout", type=float, default=60.0, help="seconds per request (--judge-url)")
+    a("--retries", type=int, default=3, help="retries of a failed request (--judge-url)")
+    a("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
+    a("--max-tokens", type=int, default=16, help="longest judge answer")
+    a("--batch-size", type=int, default=16, help="prompts per batch (--judge-model)")
+    a("--device", default=None)
+    a("--calibrate", default=None, help="hand-labelled jsonl: score the judge against it instead")
+    a("--out", default=None, help="judgments file (one samples file only) or, with --calibrate, a JSON of scores")
 
 
 def build_parser():
@@ -79,6 +113,8 @@ def build_parser():
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     add_report_args(sub.add_parser("report", help="analyse samples files",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    add_judge_args(sub.add_parser("judge", help="label responses for cognitive behaviours",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     demo = sub.add_parser("demo", help="the default: bundled model vs latest runs",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--n", type=int, default=64)
@@ -293,13 +329,24 @@ def label_of(model_path):
 
 # ---------------------------------------------------------------- report
 
+def parse_ks(text):
+    """--ks "1,8,64" -> [1, 8, 64]; anything else is a one-line error."""
+    from minirl.common import MinirlError
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise MinirlError(f"--ks: expected comma-separated whole numbers such as 1,8,64, got {text!r}") from None
+
+
 def cmd_report(args):
     from minirl.report import build_report
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.samples[0])), "report")
-    ks = [int(k) for k in args.ks.split(",")] if args.ks else None
+    ks = parse_ks(args.ks) if args.ks else None
     labels = args.labels.split(",") if args.labels else None
     report = build_report(args.samples, out, labels=labels, reference_index=args.reference, ks=ks,
-                          bootstrap=args.bootstrap, seed=args.seed, plots=not args.no_plots)
+                          bootstrap=args.bootstrap, seed=args.seed, plots=not args.no_plots,
+                          answer_grouping=args.answer_grouping, tokenizer=args.tokenizer,
+                          judge_id=args.judge_id)
     for m in report["models"]:
         print(summary_line(m))
     print(f"report: {os.path.join(out, 'report.md')}" +
@@ -320,6 +367,129 @@ def summary_line(model_section):
     if pk is not None:
         text += f", pass@{last_k} {pk * 100:.1f}%"
     return text
+
+
+# ---------------------------------------------------------------- judge
+
+def make_judge(args):
+    """The judge the flags name (exactly one of --judge keyword, --judge-model, --judge-url)."""
+    from minirl import judge as J
+    from minirl.common import MinirlError
+    given = [f for f, v in (("--judge", args.judge), ("--judge-model", args.judge_model),
+                            ("--judge-url", args.judge_url)) if v]
+    if len(given) != 1:
+        raise MinirlError("judge: give exactly one of --judge keyword, --judge-model DIR, --judge-url URL"
+                          + (f" (got {', '.join(given)})" if given else ""))
+    for flag, value, low in (("--concurrency", args.concurrency, 1), ("--retries", args.retries, 0),
+                             ("--max-tokens", args.max_tokens, 1), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise MinirlError(f"{flag} must be >= {low} (got {value})")
+    if args.timeout <= 0 or args.backoff < 0:
+        raise MinirlError("--timeout must be > 0 and --backoff >= 0")
+    if args.judge:
+        return J.KeywordJudge()
+    if args.judge_model:
+        if not os.path.isdir(args.judge_model):
+            raise MinirlError(f"--judge-model: {args.judge_model} is not a folder")
+        return J.ModelJudge(args.judge_model, batch_size=args.batch_size, max_new_tokens=args.max_tokens,
+                            device=args.device)
+    if not args.judge_name:
+        raise MinirlError("--judge-url needs --judge-name (the model name the server serves)")
+    return J.HTTPJudge(args.judge_url, args.judge_name, api_key=os.environ.get(args.judge_key_env) or None,
+                       key_env=args.judge_key_env, timeout=args.timeout, retries=args.retries,
+                       backoff=args.backoff, concurrency=args.concurrency, max_tokens=args.max_tokens)
+
+
+def judge_samples_of(path, per_problem):
+    """The samples of a samples file to judge: dicts of problem_id, sample_index, question, response."""
+    from minirl.common import MinirlError
+    from minirl.report import read_samples
+    if per_problem is not None and per_problem < 1:
+        raise MinirlError(f"--per-problem must be >= 1 (got {per_problem})")
+    s = read_samples(path)
+    m = s.n if per_problem is None else min(per_problem, s.n)
+    return [{"problem_id": pid, "sample_index": j, "question": q or "", "response": s.responses[p][j]}
+            for p, (pid, q) in enumerate(zip(s.problem_ids, s.questions)) for j in range(m)]
+
+
+class JudgeProgress:
+    """A progress line at most every 10 seconds, and at the end."""
+
+    def __init__(self, t0):
+        self.t0, self.last = t0, time.time()
+
+    def __call__(self, done, total):
+        if done == total or time.time() - self.last >= 10:
+            self.last = time.time()
+            print(f"  {done}/{total} new judgments ({self.last - self.t0:.0f}s)", flush=True)
+
+
+def cmd_judge(args):
+    from minirl import judge as J
+    from minirl.common import MinirlError
+    names = [b.strip() for b in args.behaviours.split(",")] if args.behaviours else None
+    behaviours = J.load_behaviours(args.behaviour_file, names)
+    if args.calibrate:
+        if args.samples:
+            raise MinirlError("judge --calibrate takes the labels file instead of samples files")
+        return cmd_calibrate(args, behaviours)
+    if not args.samples:
+        raise MinirlError("judge: give samples files (or --calibrate LABELS.jsonl)")
+    if args.out and len(args.samples) > 1:
+        raise MinirlError("--out: give one samples file with --out (judgments go beside each file otherwise)")
+    work = [(path, judge_samples_of(path, args.per_problem)) for path in args.samples]  # all checked first
+    judge = make_judge(args)
+    t0 = time.time()
+    for path, samples in work:
+        out = args.out or J.judgments_path(path)
+        cache = J.JudgmentCache(out)
+        print(f"judging {len(samples)} responses x {len(behaviours)} behaviours of {path} with {judge.id}", flush=True)
+        stats = J.run_judge(samples, behaviours, judge, cache, progress=JudgeProgress(t0))
+        print(f"judgments: {out}: {stats.judged} new, {stats.cached} cached, {stats.unparseable} unparseable"
+              + (f", {stats.failed} failed" if stats.failed else ""), flush=True)
+        if getattr(judge, "truncated", 0):
+            print(f"note: {judge.truncated} prompts were longer than the judge's context and kept only their end")
+        if stats.failed:
+            raise MinirlError(f"judge: {stats.failed} request(s) failed after {args.retries} retries "
+                              f"(last: {stats.last_error}); the {stats.judged} others are cached: re-run to retry")
+
+
+def cmd_calibrate(args, behaviours):
+    """Score the judge against a hand-labelled file: accuracy and Cohen's kappa per behaviour."""
+    import tempfile
+
+    from minirl import judge as J
+    from minirl.common import MinirlError, atomic_write_json, read_jsonl
+    rows = []
+    for lineno, obj in read_jsonl(args.calibrate):
+        if not (isinstance(obj, dict) and isinstance(obj.get("response"), str) and isinstance(obj.get("labels"), dict)):
+            raise MinirlError(f"{args.calibrate}:{lineno}: needs 'response' (text) and 'labels' ({{behaviour: bool}})")
+        missing = [b.name for b in behaviours if not isinstance(obj["labels"].get(b.name), bool)]
+        if missing:
+            raise MinirlError(f"{args.calibrate}:{lineno}: no true/false label for {', '.join(missing)}")
+        rows.append(obj)
+    if not rows:
+        raise MinirlError(f"{args.calibrate}: no labelled responses")
+    samples = [{"problem_id": str(r.get("id", i)), "sample_index": 0, "question": r.get("question", ""),
+                "response": r["response"]} for i, r in enumerate(rows)]
+    judge = make_judge(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = J.JudgmentCache(os.path.join(tmp, "calibration.judgments.jsonl"))
+        stats = J.run_judge(samples, behaviours, judge, cache, progress=JudgeProgress(time.time()))
+        predicted = {b.name: [cache.get(J.judgment_key(s["problem_id"], 0, s["response"], b, judge.id))
+                              for s in samples] for b in behaviours}
+    predicted = {k: [None if r is None else r["label"] for r in v] for k, v in predicted.items()}
+    gold = {b.name: [r["labels"][b.name] for r in rows] for b in behaviours}
+    scores = J.calibration_scores(gold, predicted)
+    print(f"{judge.id} vs {args.calibrate} ({len(rows)} responses; presence of each behaviour)")
+    print(f"{'behaviour':<20} {'positives':>9} {'accuracy':>9} {'kappa':>7} {'unparseable':>12}")
+    for name, sc in scores.items():
+        print(f"{name:<20} {sc['positives']:>9} {sc['accuracy']:>9.3f} {sc['kappa']:>7.3f} {sc['unparseable']:>12}")
+    if stats.failed:
+        print(f"note: {stats.failed} request(s) failed (last: {stats.last_error}); they count as unparseable")
+    if args.out:
+        atomic_write_json(args.out, {"judge": judge.id, "labels": args.calibrate, "scores": scores})
+    return scores
 
 
 # ---------------------------------------------------------------- demo (no arguments)
@@ -359,7 +529,7 @@ def main():
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["demo"] + argv
     args = build_parser().parse_args(argv)
-    {"sample": cmd_sample, "report": cmd_report, "demo": cmd_demo}[args.command](args)
+    {"sample": cmd_sample, "report": cmd_report, "judge": cmd_judge, "demo": cmd_demo}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ setup(
     # points minirl.kernels at the same folder; it is not installed.
     packages=["minirl", "minirl.kernels"],
     package_dir={"minirl.kernels": "kernels"},
+    package_data={"minirl": ["behaviours.json"]},  # the judge's behaviour definitions
     python_requires=">=3.10",
     # Permissive on purpose: users bring their own (CUDA) torch. CI pins the CPU wheel.
     install_requires=[

@@ -8,6 +8,11 @@ reflection words), then times build_report on them: reading and validating both 
 pass@k / maj@k / bootstrap intervals, bins, transitions, entropy, lengths, phrase and
 word counts, report.json / report.md and the figures. Prints the seconds and the device.
 The target (issue 8) is under 30 s on a CPU. Generation time is not counted.
+
+In the same run it times the report a second time with --answer-grouping string (the
+string grouping of maj@k / answer entropy that canonical grouping replaced) and prints the
+ratio; with --tokenizer DIR the token-level frequencies are counted with that tokenizer
+(e.g. SmolLM2's), otherwise they are skipped (the synthetic files name no model folder).
 """
 import argparse
 import json
@@ -92,6 +97,7 @@ def main():
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--keep", help="write the samples and the report here instead of a temporary folder")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder for the token-level frequencies")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or tmp
@@ -101,8 +107,12 @@ def main():
         gen = time.perf_counter() - t0
         mb = sum(os.path.getsize(f) for f in files) / 2**20
         t0, c0 = time.perf_counter(), time.process_time()
-        report = build_report(files, os.path.join(root, "report"), plots=not args.no_plots)
+        report = build_report(files, os.path.join(root, "report"), plots=not args.no_plots, tokenizer=args.tokenizer)
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+        c1 = time.process_time()
+        build_report(files, os.path.join(root, "report-string"), plots=not args.no_plots, tokenizer=args.tokenizer,
+                     answer_grouping="string")
+        cpu_string = time.process_time() - c1
     base, rl = report["models"]
     print(f"device: CPU {_cpu_name()} ({os.cpu_count()} cores), python {platform.python_version()}, "
           f"numpy {np.__version__}")
@@ -112,8 +122,11 @@ def main():
           f"{100 * rl['pass_at_k'][str(args.n)]['mean']:.1f}, figures {len(report['figures'])}")
     # CPU time is the honest figure on a shared machine: wall time also counts waiting
     # for cores that other processes hold (load average shown for that reason).
-    print(f"build_report: {secs:.1f} s wall, {cpu:.1f} s CPU (target < 30 s); "
+    tokens = "counted with " + args.tokenizer if args.tokenizer else "skipped (no --tokenizer)"
+    print(f"build_report: {secs:.1f} s wall, {cpu:.1f} s CPU (target < 30 s); token frequencies {tokens}; "
           f"load average {os.getloadavg()[0]:.1f}")
+    print(f"answer grouping: canonical {cpu:.1f} s CPU vs string {cpu_string:.1f} s CPU "
+          f"(ratio {cpu / max(cpu_string, 1e-9):.2f})")
 
 
 if __name__ == "__main__":

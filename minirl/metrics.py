@@ -14,6 +14,10 @@ What is computed, in one line each:
   `success_change_by_group`, `response_means`: the paper's difficulty-bin analysis.
 - `count_phrases`, `count_words`, `word_log_ratios`: reflection phrases, anthropomorphic
   tokens, logical connectors and the words one model over- or under-uses.
+- `count_tokens`, `is_character_level`: the same frequency comparison over the tokenizer's
+  own tokens (Hu et al. count tokens, not words); `ratio_bootstrap_ci`: a rate such as
+  "category matches per 1000 tokens" with a bootstrap interval over problems.
+- `canonical_key`: group answers by mathematical value (grader.canonical_answer).
 """
 import collections
 import math
@@ -127,6 +131,25 @@ def normalize_answer(answer):
     return a.rstrip(".")
 
 
+_CANONICAL_CACHE = {}
+
+
+def canonical_key(answer):
+    """The key that groups answers by mathematical value for majority voting and the
+    answer entropy: `grader.canonical_answer` ("0.5", "1/2" and "\\frac{1}{2}" are one
+    answer), falling back to `normalize_answer` when the grader cannot read it. Memoised:
+    a samples file repeats the same few answers many times."""
+    if answer is None:
+        return None
+    key = _CANONICAL_CACHE.get(answer)
+    if key is None:
+        from minirl.grader import canonical_answer
+        key = canonical_answer(answer) or normalize_answer(answer)
+        if len(_CANONICAL_CACHE) < 1_000_000:
+            _CANONICAL_CACHE[answer] = key
+    return key
+
+
 @dataclass
 class AnswerClasses:
     """The final answers of P problems x n samples, grouped into classes per problem.
@@ -152,8 +175,9 @@ def answer_classes(answers, correct, normalize=normalize_answer) -> AnswerClasse
     """Group each problem's answers into classes of equal `normalize(answer)`.
 
     answers: P lists of n answers (str or None); correct: [P, n] bools (the grader's
-    verdict per sample). Semantically equal but differently written answers (1/2 and
-    0.5) are different classes, as in the usual majority-vote evaluations."""
+    verdict per sample). With the default string `normalize`, differently written equal
+    answers (1/2 and 0.5) are different classes; pass `normalize=canonical_key` to group
+    them by value (what `report.build_report` does by default)."""
     correct = np.asarray(correct, dtype=bool)
     _check(correct.ndim == 2 and len(answers) == correct.shape[0],
            "answer_classes: answers must be P lists matching correct [P, n]")
@@ -241,6 +265,30 @@ def answer_entropy(classes: AnswerClasses, include_none: bool = True):
 
 
 # --------------------------------------------------------------------------- bootstrap
+
+def ratio_bootstrap_ci(num, den, num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
+                       scale: float = 1000.0):
+    """scale * sum(num) / sum(den) and its percentile bootstrap interval over problems.
+
+    num, den: [P] per-problem totals (e.g. category matches and generated tokens of a
+    problem's n responses). Each resample draws P problems with replacement (the same
+    draws as `bootstrap_ci` for the same P and seed) and recomputes the ratio of sums.
+    Returns (rate, low, high); NaN when sum(den) is 0."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    _check(num.shape == den.shape and num.ndim == 1 and num.size >= 1, "ratio bootstrap: need [P] num and den")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = scale * num.sum() / den.sum() if den.sum() > 0 else float("nan")
+        if num_resamples <= 0 or not math.isfinite(rate):
+            return float(rate), float(rate), float(rate)
+        P = num.size
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, P, size=(num_resamples, P))
+        rates = scale * num[idx].sum(1) / den[idx].sum(1)
+    alpha = (1.0 - confidence) / 2
+    low, high = np.nanquantile(rates, [alpha, 1 - alpha])
+    return float(rate), float(low), float(high)
+
 
 def bootstrap_ci(values, num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95):
     """Mean over problems and its percentile bootstrap confidence interval.
@@ -529,3 +577,75 @@ def word_log_ratios(ref_counts, other_counts, alpha: float = 1.0, min_count: int
     over = [row(i) for i in order[:top] if ratio[i] > 0]
     under = [row(i) for i in order[::-1][:top] if ratio[i] < 0]
     return {"over_used": over, "under_used": under}
+
+
+# --------------------------------------------------------------------------- tokens
+
+def token_key(text: str) -> str:
+    """The entry a token is counted under: its decoded text without surrounding space, lower
+    case ("Wait", " wait" and "wait" are one entry). Whitespace-only tokens give ""."""
+    return lowercase_text(text.strip())
+
+
+def token_keys(tokenizer) -> list:
+    """token_key of every id of a minirl Tokenizer (special tokens give "")."""
+    special = {i for i, t in tokenizer.tk.get_added_tokens_decoder().items() if t.special}
+    texts = tokenizer.tk.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
+    return ["" if i in special else token_key(t) for i, t in enumerate(texts)]
+
+
+def is_character_level(tokenizer) -> bool:
+    """True when every non-special token is at most one character (the bundled tiny model):
+    its "tokens" and "words" are then character runs, not vocabulary choices."""
+    return all(len(k) <= 1 for k in token_keys(tokenizer))
+
+
+_PIECE = re.compile(r"\s*\S+|\s+$")
+
+
+def _encode_counts(texts, tokenizer, vocab_size):
+    """[V] token counts of texts, each encoded whole."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(texts), 4096):  # encode_batch runs in parallel in Rust
+        encs = tokenizer.tk.encode_batch(texts[start:start + 4096], add_special_tokens=False)
+        if encs:
+            flat = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encs] + [np.zeros(0, np.int64)])
+            counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def count_tokens(texts, tokenizer, keys=None) -> collections.Counter:
+    """Token frequencies over all texts: each text is encoded by the tokenizer (no special
+    tokens added) and every token is counted under its `token_key`; whitespace-only and
+    special tokens are not counted. keys: token_keys(tokenizer), when already computed.
+
+    Fast path: a text's pieces (a run of spaces plus the non-space characters after it) are
+    counted, and each *distinct* piece is encoded once. That equals encoding whole texts
+    when the tokenizer's pre-tokenizer splits at whitespace (byte-level BPE as in GPT-2,
+    Llama-3, Qwen, SmolLM2; WordPiece; word-level); it is checked on the first 256 texts
+    and, if they differ, every text is encoded whole instead."""
+    keys = token_keys(tokenizer) if keys is None else keys
+    texts = list(texts)
+    V = len(keys)
+    head = texts[:256]
+    pieces = collections.Counter(p for t in head for p in _PIECE.findall(t))
+    distinct = list(pieces)
+
+    def piece_counts(distinct, weights):
+        counts = np.zeros(V, dtype=np.int64)
+        for start in range(0, len(distinct), 4096):
+            encs = tokenizer.tk.encode_batch(distinct[start:start + 4096], add_special_tokens=False)
+            for e, piece in zip(encs, distinct[start:start + 4096]):
+                np.add.at(counts, np.asarray(e.ids, dtype=np.int64), weights[piece])
+        return counts
+
+    if np.array_equal(piece_counts(distinct, pieces), _encode_counts(head, tokenizer, V)):
+        pieces = collections.Counter(p for t in texts for p in _PIECE.findall(t))
+        counts = piece_counts(list(pieces), pieces)
+    else:
+        counts = _encode_counts(texts, tokenizer, V)
+    out = collections.Counter()
+    for i in np.flatnonzero(counts):
+        if keys[i]:
+            out[keys[i]] += int(counts[i])
+    return out

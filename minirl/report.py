@@ -29,9 +29,18 @@ runs/base.jsonl.settings.json is read too). A JSON object with at least "model" 
 "n"; this module reads "label" (if present) or "model" (its last path part) as the
 model's name in the report, and copies the whole object into report.json.
 
+Optional "question" key (str): when present it must agree across a problem's lines.
+
 Comparing files: the first file (or `reference_index`) is the reference (base) model;
 every other file is compared with it. All files must hold the same problems and the
-same n, otherwise a MinirlError names both files.
+same n, otherwise a MinirlError names both files; the same problem ids with another gold
+answer or question (files sampled from other data) are refused too, naming an id.
+
+Also read when present: the judgments file beside a samples file (`<name>.judgments.jsonl`,
+written by `evaluate.py judge`, see minirl/judge.py) for the cognitive-behaviour tables, and
+the tokenizer of the settings' "model" folder (or `tokenizer=`) for the token-level
+frequencies. A judgment's sample_index is the sample's position among its problem's samples
+(sorted by sample_index).
 """
 import collections
 import io
@@ -69,6 +78,7 @@ class Samples:
     truncated: np.ndarray
     answers: list
     responses: list
+    questions: list = None    # [P] str or None (the optional "question" key)
 
     @property
     def n(self) -> int:
@@ -86,7 +96,7 @@ class Samples:
                        difficulty=[self.difficulty[i] for i in idx], gold=[self.gold[i] for i in idx],
                        correct=self.correct[idx], num_tokens=self.num_tokens[idx],
                        truncated=self.truncated[idx], answers=[self.answers[i] for i in idx],
-                       responses=[self.responses[i] for i in idx])
+                       responses=[self.responses[i] for i in idx], questions=[self.questions[i] for i in idx])
 
 
 def settings_path(samples_path):
@@ -150,7 +160,7 @@ def read_samples(path, label=None) -> Samples:
     a repeated (problem_id, sample_index), a problem whose gold or difficulty changes
     between lines, problems with different numbers of samples, and an empty file."""
     path = str(path)
-    pids, sidx, diffs, golds, resp, ntok, trunc, answers, correct, lines = ([] for _ in range(10))
+    pids, sidx, diffs, golds, resp, ntok, trunc, answers, correct, lines, quest = ([] for _ in range(11))
     for lineno, rec in _lines(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict):
@@ -178,6 +188,10 @@ def read_samples(path, label=None) -> Samples:
             raise MinirlError(f"{where}: 'answer' must be a string or null, got {a!r}")
         if type(c) is not bool:
             raise MinirlError(f"{where}: 'correct' must be true or false, got {c!r}")
+        q = rec.get("question")
+        if q is not None and not isinstance(q, str):
+            raise MinirlError(f"{where}: 'question' must be a string when present")
+        quest.append(q)
         pids.append(pid)
         sidx.append(rec["sample_index"])
         diffs.append(d)
@@ -199,8 +213,9 @@ def read_samples(path, label=None) -> Samples:
         if row is None:
             rows[pid] = row = {}
             first[pid] = r
-        elif diffs[r] != diffs[first[pid]] or golds[r] != golds[first[pid]]:
-            key = "difficulty" if diffs[r] != diffs[first[pid]] else "gold"
+        elif diffs[r] != diffs[first[pid]] or golds[r] != golds[first[pid]] or quest[r] != quest[first[pid]]:
+            key = ("difficulty" if diffs[r] != diffs[first[pid]] else "gold" if golds[r] != golds[first[pid]]
+                   else "question")
             raise MinirlError(f"{path}:{lines[r]}: problem {pid!r} has a different {key!r} than on line "
                               f"{lines[first[pid]]}")
         if si in row:
@@ -224,7 +239,8 @@ def read_samples(path, label=None) -> Samples:
         correct=np.array(correct, dtype=bool)[order], num_tokens=np.array(ntok, dtype=np.int64)[order],
         truncated=np.array(trunc, dtype=bool)[order],
         answers=[[answers[r] for r in row] for row in order.tolist()],
-        responses=[[resp[r] for r in row] for row in order.tolist()])
+        responses=[[resp[r] for r in row] for row in order.tolist()],
+        questions=[quest[first[pid]] for pid in rows])
 
 
 def _check_compatible(ref: Samples, other: Samples):
@@ -241,6 +257,14 @@ def _check_compatible(ref: Samples, other: Samples):
         if only_other:
             parts.append(f"{len(only_other)} only in {other.path} (e.g. {only_other[0]!r})")
         raise MinirlError(f"{ref.path} and {other.path} hold different problems: {'; '.join(parts)}")
+    # The same ids must mean the same problems (files sampled from other data or task settings).
+    gold = dict(zip(other.problem_ids, other.gold))
+    quest = dict(zip(other.problem_ids, other.questions))
+    for pid, g, q in zip(ref.problem_ids, ref.gold, ref.questions):
+        if gold[pid] != g or (q is not None and quest[pid] is not None and quest[pid] != q):
+            what = f"gold {g!r} vs {gold[pid]!r}" if gold[pid] != g else f"question {q!r} vs {quest[pid]!r}"
+            raise MinirlError(f"{ref.path} and {other.path} give problem {pid!r} different problems ({what}): "
+                              "they were sampled from different data; compare files of the same problems")
 
 
 # --------------------------------------------------------------------------- analysis
@@ -260,12 +284,16 @@ class _Model:
     categories: dict          # name -> PhraseCounts (per_text [P, n])
     words: object             # collections.Counter of all responses' words
     num_words: int
+    tokens: object = None     # collections.Counter of tokenizer tokens (None: no tokenizer)
+    behaviours: dict = None   # name -> [P, n] float labels (NaN: not judged / unparseable)
+    unparseable: dict = None  # name -> count of unparseable judgments
 
 
-def _analyse(s: Samples, ks, maj_draws, seed, reflection_phrases, categories) -> _Model:
+def _analyse(s: Samples, ks, maj_draws, seed, reflection_phrases, categories, grouping) -> _Model:
     P, n = s.correct.shape
     counts = s.correct.sum(1)
-    classes = metrics.answer_classes(s.answers, s.correct)
+    normalize = metrics.canonical_key if grouping == "canonical" else metrics.normalize_answer
+    classes = metrics.answer_classes(s.answers, s.correct, normalize=normalize)
     flat = [r for row in s.responses for r in row]
     # Lower-case once; words, reflection phrases and token categories all read this form.
     lowered = [metrics.lowercase_text(r) for r in flat]
@@ -339,13 +367,15 @@ def _group_table(m: _Model, groups, labels, ranges=None):
     return rows
 
 
-def _model_section(m: _Model, cis, bins, ref_bin, levels, level_idx):
+def _model_section(m: _Model, cis, bins, ref_bin, levels, level_idx, bootstrap, seed, confidence):
     s = m.samples
     total_words = m.num_words
     num_responses = s.correct.size
     cats = {}
     for name, pc in m.categories.items():
         cats[name] = {
+            "per_1k_tokens": _ci(*metrics.ratio_bootstrap_ci(pc.per_text.sum(1), s.num_tokens.sum(1), bootstrap,
+                                                             seed, confidence)),
             "per_1k_words": 1000 * int(pc.per_text.sum()) / max(total_words, 1),
             "per_response": _overall(pc.per_text, s.correct),
             "fraction_of_responses": float((pc.per_text > 0).mean()),
@@ -364,11 +394,64 @@ def _model_section(m: _Model, cis, bins, ref_bin, levels, level_idx):
         "categories": cats,
         "by_bin": _group_table(m, ref_bin, metrics.bin_labels(bins), bins),
         "by_level": None if levels is None else _group_table(m, level_idx, [str(v) for v in levels]),
+        "behaviours": _behaviour_section(m, ref_bin, metrics.bin_labels(bins), bootstrap, seed, confidence),
     }
 
 
+def _behaviour_section(m: _Model, ref_bin, bin_names, bootstrap, seed, confidence):
+    """Share of judged responses showing each behaviour: overall with a bootstrap interval
+    over problems (ratio of sums), per reference bin and per correct / incorrect."""
+    if not m.behaviours:
+        return None
+    s = m.samples
+    out = {}
+    for name, lab in m.behaviours.items():
+        parsed = ~np.isnan(lab)                                  # [P, n]
+        shown = np.where(parsed, lab > 0, False)                 # [P, n]
+        if not parsed.any():
+            out[name] = {"judged": 0, "unparseable": m.unparseable[name], "share": _ci(None, None, None)}
+            continue
+        share = _ci(*metrics.ratio_bootstrap_ci(shown.sum(1), parsed.sum(1), bootstrap, seed, confidence, scale=1.0))
+        by_bin = []
+        for g, gname in enumerate(bin_names):
+            rows = ref_bin == g
+            row = {"group": gname}
+            for kind, mask in (("all", parsed), ("correct", parsed & s.correct), ("incorrect", parsed & ~s.correct)):
+                k = mask[rows]
+                row[kind] = float(shown[rows][k].mean()) if k.any() else None
+                row[f"{kind}_n"] = int(k.sum())
+            by_bin.append(row)
+        sel = lambda mask: float(shown[mask].mean()) if mask.any() else None  # noqa: E731
+        out[name] = {"judged": int(parsed.sum()), "unparseable": m.unparseable[name], "share": share,
+                     "correct": sel(parsed & s.correct), "incorrect": sel(parsed & ~s.correct),
+                     "mean_label": float(lab[parsed].mean()), "by_bin": by_bin}
+    return out
+
+
+def _behaviour_deltas(ref: _Model, other: _Model, bootstrap, seed, confidence):
+    """Paired change in the share showing each behaviour, over problems judged in both."""
+    if not ref.behaviours or not other.behaviours:
+        return None
+    out = {}
+    for name in ref.behaviours:
+        if name not in other.behaviours:
+            continue
+        shares = []
+        for m in (ref, other):
+            lab = m.behaviours[name]
+            parsed = ~np.isnan(lab)
+            with np.errstate(invalid="ignore"):
+                shares.append(np.where(parsed, lab > 0, 0).sum(1) / parsed.sum(1))  # [P], NaN: none judged
+        both = ~np.isnan(shares[0]) & ~np.isnan(shares[1])
+        if not both.any():
+            continue
+        delta = _ci(*metrics.bootstrap_ci(shares[1][both] - shares[0][both], bootstrap, seed, confidence))
+        out[name] = {"problems": int(both.sum()), "change": delta}
+    return out
+
+
 def _comparison(ref: _Model, other: _Model, delta_cis, bins, ref_bin, levels, level_idx,
-                word_min_count, word_top):
+                word_min_count, word_top, tokens_note, bootstrap, seed, confidence):
     labels = metrics.bin_labels(bins)
     B = len(bins)
     change = metrics.success_change_by_group(ref.samples.correct, other.samples.correct, ref_bin, B)
@@ -390,8 +473,75 @@ def _comparison(ref: _Model, other: _Model, delta_cis, bins, ref_bin, levels, le
         "transitions": {"bins": labels, "counts": counts.tolist(), "row_fractions": fractions.tolist()},
         "solved_at_least_once": {"both": int((r_any & o_any).sum()), "only_reference": int((r_any & ~o_any).sum()),
                                  "only_other": int((~r_any & o_any).sum()), "neither": int((~r_any & ~o_any).sum())},
-        "word_frequency": metrics.word_log_ratios(ref.words, other.words, min_count=word_min_count, top=word_top),
+        "word_frequency": (None if tokens_note.get("character_level") else
+                           metrics.word_log_ratios(ref.words, other.words, min_count=word_min_count, top=word_top)),
+        "token_frequency": (None if ref.tokens is None or other.tokens is None else
+                            metrics.word_log_ratios(ref.tokens, other.tokens, min_count=word_min_count, top=word_top)),
+        "behaviours": _behaviour_deltas(ref, other, bootstrap, seed, confidence),
     }
+
+
+def _tokenizer_dir(s: Samples, tokenizer):
+    path = tokenizer or (s.settings or {}).get("model")
+    if isinstance(path, str) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return path
+    return None
+
+
+def _count_model_tokens(samples, models, tokenizer):
+    """Token counts per model (m.tokens), when every model's tokenizer is found and all are
+    the same vocabulary. Returns what the report says about it: {"tokenizer", "character_level",
+    "note"} (note: why there is no token table, else None)."""
+    from minirl.tokenizer import load_tokenizer
+    dirs = [_tokenizer_dir(s, tokenizer) for s in samples]
+    missing = [s.label for s, d in zip(samples, dirs) if d is None]
+    if missing:
+        return {"tokenizer": None, "character_level": False,
+                "note": f"no tokenizer found for {', '.join(missing)} (the settings' model folder is not "
+                        "here): pass --tokenizer DIR for the token-level tables"}
+    toks = {d: load_tokenizer(d) for d in dict.fromkeys(dirs)}
+    vocabs = [toks[d].get_vocab() for d in toks]
+    if any(v != vocabs[0] for v in vocabs[1:]):
+        return {"tokenizer": None, "character_level": False,
+                "note": "the models use different tokenizers, so their tokens cannot be compared "
+                        "(pass --tokenizer DIR to count all with one)"}
+    tok = toks[dirs[0]]
+    keys = metrics.token_keys(tok)
+    if all(len(k) <= 1 for k in keys):
+        return {"tokenizer": dirs[0], "character_level": True,
+                "note": "the tokenizer is character-level: its tokens are characters and its 'words' are "
+                        "runs of characters, not vocabulary choices, so no word or token table is shown"}
+    for s, m in zip(samples, models):
+        m.tokens = metrics.count_tokens((r for row in s.responses for r in row), tok, keys)
+    return {"tokenizer": dirs[0], "character_level": False, "note": None}
+
+
+def _read_model_behaviours(samples, models, judge_id):
+    """Behaviour labels from each samples file's judgments file (judge.judgments_path), when
+    there is one: m.behaviours {name: [P, n] float, NaN where not judged or unparseable}."""
+    from minirl import judge
+    found = None
+    for s, m in zip(samples, models):
+        path = judge.judgments_path(s.path)
+        if not os.path.exists(path):
+            continue
+        labels, jid = judge.read_labels(path, judge_id)
+        if found is not None and jid != found:
+            raise MinirlError(f"{path}: judged by {jid!r} but another file by {found!r}; pick one with --judge-id")
+        found = jid
+        where = {pid: p for p, pid in enumerate(s.problem_ids)}
+        P, n = s.correct.shape
+        m.behaviours, m.unparseable = {}, {}
+        for (pid, j, name), label in labels.items():
+            if pid not in where or not 0 <= j < n:
+                continue
+            arr = m.behaviours.setdefault(name, np.full((P, n), np.nan))
+            m.unparseable.setdefault(name, 0)
+            if label is None:
+                m.unparseable[name] += 1
+            else:
+                arr[where[pid], j] = float(label)
+    return found
 
 
 def _resolve_ks(ks, n):
@@ -425,7 +575,7 @@ def _assign_labels(samples, labels):
 def build_report(sample_files, out_dir, labels=None, reference_index=0, ks=None, bootstrap=1000, seed=0, *,
                  bin_edges=metrics.PAPER_BIN_EDGES, reflection_phrases=metrics.REFLECTION_PHRASES,
                  categories=None, maj_draws=500, confidence=0.95, word_min_count=20, word_top=25,
-                 plots=True) -> dict:
+                 plots=True, answer_grouping="canonical", tokenizer=None, judge_id=None) -> dict:
     """Analyse samples files and write report.json, report.md and (with matplotlib) PNGs.
 
     sample_files: paths of samples files (format in this module's docstring);
@@ -436,7 +586,11 @@ def build_report(sample_files, out_dir, labels=None, reference_index=0, ks=None,
     the bootstrap and the maj@k Monte-Carlo draws. bin_edges: upper edges of the
     difficulty bins for n = 256 (scaled for other n, see metrics.difficulty_bins).
     reflection_phrases / categories: phrase lists (categories: {name: phrases}, default
-    the anthropomorphic tokens and logical connectors of metrics.py).
+    the anthropomorphic tokens and logical connectors of metrics.py). answer_grouping:
+    "canonical" (maj@k and answer entropy group answers by value, metrics.canonical_key)
+    or "string" (metrics.normalize_answer). tokenizer: folder of the tokenizer for the
+    token-level frequencies (default: each file's settings "model"). judge_id: whose
+    behaviour labels to show (judgments files beside the samples, see minirl/judge.py).
 
     Difficulty bins group problems by the reference model's correct count; when every
     problem of the reference file has a `difficulty`, the same tables are also given
@@ -451,6 +605,8 @@ def build_report(sample_files, out_dir, labels=None, reference_index=0, ks=None,
         raise MinirlError(f"--bootstrap: must be >= 0, got {bootstrap}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise MinirlError(f"--out: {out_dir} exists and is not a folder")
+    if answer_grouping not in ("canonical", "string"):
+        raise MinirlError(f"--answer-grouping: 'canonical' or 'string', got {answer_grouping!r}")
     if categories is None:
         categories = {"anthropomorphic": metrics.ANTHROPOMORPHIC_TOKENS, "connectors": metrics.LOGICAL_CONNECTORS}
     samples = [read_samples(f) for f in files]
@@ -463,7 +619,9 @@ def build_report(sample_files, out_dir, labels=None, reference_index=0, ks=None,
     n = ref_s.n
     ks = _resolve_ks(ks, n)
 
-    models = [_analyse(s, ks, maj_draws, seed, reflection_phrases, categories) for s in samples]
+    models = [_analyse(s, ks, maj_draws, seed, reflection_phrases, categories, answer_grouping) for s in samples]
+    tokens_note = _count_model_tokens(samples, models, tokenizer)
+    judge_used = _read_model_behaviours(samples, models, judge_id)
     ref = models[reference_index]
     bins = metrics.difficulty_bins(n, bin_edges)
     ref_bin = metrics.assign_bins(ref.counts, bins)
@@ -478,13 +636,13 @@ def build_report(sample_files, out_dir, labels=None, reference_index=0, ks=None,
     model_sections, comparisons = [], []
     for i, m in enumerate(models):
         cis = _unpack_cis(*metrics.bootstrap_ci(_metric_matrix(m), bootstrap, seed, confidence), ks)
-        section = _model_section(m, cis, bins, ref_bin, levels, level_idx)
+        section = _model_section(m, cis, bins, ref_bin, levels, level_idx, bootstrap, seed, confidence)
         section["reference"] = i == reference_index
         model_sections.append(section)
         if i != reference_index:
             delta = _unpack_cis(*metrics.bootstrap_ci(_metric_matrix(m) - ref_matrix, bootstrap, seed, confidence), ks)
             comparisons.append(_comparison(ref, m, delta, bins, ref_bin, levels, level_idx,
-                                           word_min_count, word_top))
+                                           word_min_count, word_top, tokens_note, bootstrap, seed, confidence))
 
     report = {
         "minirl_report": REPORT_VERSION,
@@ -493,7 +651,8 @@ def build_report(sample_files, out_dir, labels=None, reference_index=0, ks=None,
                      "maj_draws": maj_draws, "bins": metrics.bin_labels(bins), "bin_edges": list(bin_edges),
                      "reflection_phrases": list(reflection_phrases),
                      "categories": {k: list(v) for k, v in categories.items()},
-                     "word_min_count": word_min_count},
+                     "word_min_count": word_min_count, "answer_grouping": answer_grouping,
+                     "tokens": tokens_note, "judge": judge_used},
         "models": model_sections,
         "comparisons": comparisons,
         "problems": {
@@ -559,11 +718,18 @@ def render_markdown(report: dict) -> str:
     models = report["models"]
     names = [m["label"] for m in models]
     n = models[0]["n"]
-    out = [f"# minirl report\n\nReference model: **{report['reference']}**. "
-           f"{models[0]['num_problems']} problems, n = {n} samples per problem. Rates in %, "
-           f"intervals are {int(100 * st['confidence'])}% bootstrap intervals over problems "
-           f"({st['bootstrap']} resamples, paired across models). maj@k ties are shared; for 1 < k < n "
-           f"it is estimated from {st['maj_draws']} random draws per problem unless exact.\n"]
+    out = ["# minirl report\n\n" + _takeaway(report) + "\n"]
+    out.append(f"Reference model: **{report['reference']}**. "
+               f"{models[0]['num_problems']} problems, n = {n} samples per problem. Rates in %, "
+               f"intervals are {int(100 * st['confidence'])}% bootstrap intervals over problems "
+               f"({st['bootstrap']} resamples, paired across models). maj@k ties are shared; for 1 < k < n "
+               f"it is estimated from {st['maj_draws']} random draws per problem unless exact. maj@k and the "
+               f"answer entropy group answers "
+               + ("by mathematical value (grader.canonical_answer: 1/2 and 0.5 are one answer).\n"
+                  if st.get("answer_grouping", "string") == "canonical" else "by normalised string.\n"))
+    model_of = lambda m: (m.get("settings") or {}).get("model")  # noqa: E731
+    out.append("\n" + "".join(f"- **{m['label']}**: {m['path']}" + (f" (model {model_of(m)})" if model_of(m) else "")
+                               + "\n" for m in models))
 
     out.append("\n## Models\n\n")
     out.append(_table(
@@ -596,6 +762,8 @@ def render_markdown(report: dict) -> str:
                                               for i, g in enumerate(groups)]))
         for measure, label in (("tokens", "Response length (tokens)"), ("chars", "Response length (characters)"),
                                ("reflection_per_response", "Reflection phrases per response")):
+            if measure == "reflection_per_response" and not _any_reflection(models):
+                continue  # said once, in the reflection section
             digits = 2 if measure == "reflection_per_response" else 0
             out.append(f"\n{label}, correct / incorrect responses:\n\n")
             out.append(_table(["group"] + names,
@@ -604,26 +772,15 @@ def render_markdown(report: dict) -> str:
                                for i, g in enumerate(groups)]))
 
     out.append("\n## Reflection phrases and token categories\n\n")
-    out.append("Responses with a reflection phrase (%), and per category of tokens: matches per 1000 words "
-               "(case-insensitive, whole words).\n\n")
-    header = ["", *names]
-    rows = [["responses with reflection (%)"] + [_pct(m["reflection"]["fraction_of_responses"]) for m in models]]
-    for cat in st["categories"]:
-        rows.append([f"**{cat}** per 1k words"] + [_num(m["categories"][cat]["per_1k_words"], 2) for m in models])
-        for p in models[0]["categories"][cat]["phrases_per_1k_words"]:
-            rows.append([f"&nbsp; {p}"] + [_num(m["categories"][cat]["phrases_per_1k_words"][p], 2) for m in models])
-    out.append(_table(header, rows))
-    out.append("\nReflection phrases per 1000 responses:\n\n")
-    out.append(_table(["phrase", *names],
-                      [[p] + [_num(m["reflection"]["phrases_per_1k_responses"][p], 1) for m in models]
-                       for p in models[0]["reflection"]["phrases_per_1k_responses"]]))
+    out.append(_reflection_markdown(report))
+    out.append(_behaviours_markdown(report))
 
     for c in report["comparisons"]:
         ref, oth = c["reference"], c["other"]
         out.append(f"\n## {oth} vs {ref} (reference)\n\n")
         out.append(f"Change {oth} - {ref}, percentage points [paired bootstrap interval]:\n\n")
-        rows = [["accuracy (pass@1)", _ci_text(c["delta"]["accuracy"], signed=True)]]
-        rows += [[f"pass@{k}", _ci_text(c["delta"]["pass_at_k"][str(k)], signed=True)] for k in st["ks"]]
+        rows = [["pass@1 (accuracy)", _ci_text(c["delta"]["accuracy"], signed=True)]]
+        rows += [[f"pass@{k}", _ci_text(c["delta"]["pass_at_k"][str(k)], signed=True)] for k in st["ks"] if k != 1]
         rows += [[f"maj@{k}", _ci_text(c["delta"]["maj_at_k"][str(k)], signed=True)] for k in st["ks"]]
         out.append(_table(["metric", "change"], rows))
         sol = c["solved_at_least_once"]
@@ -642,15 +799,139 @@ def render_markdown(report: dict) -> str:
                           [[t["bins"][i]] + [f"{cnt} ({_pct(frac, 0)})" if cnt else "0"
                                              for cnt, frac in zip(t["counts"][i], t["row_fractions"][i])]
                            for i in range(len(t["bins"]))]))
-        for key, title in (("over_used", f"Words {oth} uses more than {ref}"),
-                           ("under_used", f"Words {oth} uses less than {ref}")):
-            out.append(f"\n{title} (smoothed log-ratio of frequencies):\n\n")
-            out.append(_table(["word", "log-ratio", f"{ref} per 1k", f"{oth} per 1k"],
-                              [[w["word"], f"{w['log_ratio']:+.2f}", _num(w["reference_per_1k"], 2),
-                                _num(w["other_per_1k"], 2)] for w in c["word_frequency"][key]]))
+        out.append(_frequency_markdown(c, st))
+        if c.get("behaviours") and _any_behaviour(report["models"]):
+            out.append(f"\nChange in the share of responses showing each behaviour, {oth} - {ref} "
+                       "(percentage points, paired over the problems judged in both):\n\n")
+            out.append(_table(["behaviour", "problems", "change"],
+                              [[b, d["problems"], _ci_text(d["change"], signed=True)]
+                               for b, d in c["behaviours"].items()]))
 
     if report["figures"]:
         out.append("\n## Figures\n\n" + "".join(f"![{f}]({f})\n" for f in report["figures"]))
+    return "".join(out)
+
+
+def _takeaway(report):
+    """Two lines a reader takes away: the change in pass@1 and in pass@k (largest k) with
+    their intervals, for each model against the reference; for one model, its own values."""
+    st, models = report["settings"], report["models"]
+    k = max(st["ks"])
+    if not report["comparisons"]:
+        m = models[0]
+        return (f"**{m['label']}**: pass@1 {_ci_text(m['accuracy'])}%  \n"
+                f"**{m['label']}**: pass@{k} {_ci_text(m['pass_at_k'][str(k)])}%\n")
+    line1 = "; ".join(f"**{c['other']}** vs {c['reference']}: pass@1 {_ci_text(c['delta']['accuracy'], signed=True)} pp"
+                      for c in report["comparisons"])
+    line2 = "; ".join(f"**{c['other']}** vs {c['reference']}: pass@{k} "
+                      f"{_ci_text(c['delta']['pass_at_k'][str(k)], signed=True)} pp" for c in report["comparisons"])
+    return line1 + "  \n" + line2 + "\n"
+
+
+def _any_behaviour(models):
+    return any((b.get("share") or {}).get("mean") for m in models for b in (m.get("behaviours") or {}).values())
+
+
+def _any_reflection(models):
+    return any(m["reflection"]["fraction_of_responses"] for m in models)
+
+
+def _reflection_markdown(report):
+    """Reflection phrases and the token categories; rows that are zero for every model are
+    left out, and a list with no match at all is one line saying so."""
+    st, models = report["settings"], report["models"]
+    names = [m["label"] for m in models]
+    out = []
+    if _any_reflection(models):
+        out.append("Responses with a reflection phrase (%): "
+                   + ", ".join(f"{m['label']} {_pct(m['reflection']['fraction_of_responses'])}" for m in models)
+                   + ". Reflection phrases per 1000 responses (phrases found in no response left out):\n\n")
+        phrases = [p for p in models[0]["reflection"]["phrases_per_1k_responses"]
+                   if any(m["reflection"]["phrases_per_1k_responses"][p] for m in models)]
+        out.append(_table(["phrase", *names], [[p] + [_num(m["reflection"]["phrases_per_1k_responses"][p], 1)
+                                                      for m in models] for p in phrases]))
+    else:
+        out.append("Reflection phrases: none found in any response.\n")
+    cats = [c for c in st["categories"] if any(m["categories"][c]["per_1k_words"] for m in models)]
+    for c in st["categories"]:
+        if c not in cats:
+            out.append(f"\nToken category **{c}**: none found in any response.\n")
+    if cats:
+        out.append("\nToken categories (Hu et al.): matches per 1000 generated tokens [bootstrap interval], and per "
+                   "1000 words; then each phrase per 1000 words (case-insensitive, whole words; phrases found in no "
+                   "response left out):\n\n")
+        rows = []
+        for c in cats:
+            rows.append([f"**{c}** per 1k tokens"] + [_ci_text(m["categories"][c]["per_1k_tokens"], scale=1, digits=2)
+                                                      for m in models])
+            rows.append([f"**{c}** per 1k words"] + [_num(m["categories"][c]["per_1k_words"], 2) for m in models])
+            for p in models[0]["categories"][c]["phrases_per_1k_words"]:
+                if any(m["categories"][c]["phrases_per_1k_words"][p] for m in models):
+                    rows.append([f"&nbsp; {p}"] + [_num(m["categories"][c]["phrases_per_1k_words"][p], 2)
+                                                   for m in models])
+        out.append(_table(["", *names], rows))
+    return "".join(out)
+
+
+def _frequency_markdown(c, st):
+    """The word table and the token table of one comparison (or why there is none)."""
+    ref, oth = c["reference"], c["other"]
+    note = (st.get("tokens") or {}).get("note")
+    out = []
+    if (st.get("tokens") or {}).get("character_level"):
+        return f"\nWords and tokens over- and under-used: not shown: {note}.\n"
+    for freq_key, unit in (("word_frequency", "Words"), ("token_frequency", "Tokens")):
+        freq = c.get(freq_key)
+        if freq is None:
+            out.append(f"\n{unit} over- and under-used: not shown: {note}.\n" if note else "")
+            continue
+        for key, title in (("over_used", f"{unit} {oth} uses more than {ref}"),
+                           ("under_used", f"{unit} {oth} uses less than {ref}")):
+            out.append(f"\n{title} (smoothed log-ratio of frequencies, seen >= {st['word_min_count']} times):\n\n")
+            if not freq[key]:
+                out.append("none found.\n")
+                continue
+            col = "token" if unit == "Tokens" else "word"
+            out.append(_table([col, "log-ratio", f"{ref} per 1k", f"{oth} per 1k"],
+                              [[f"`{w['word']}`" if unit == "Tokens" else w["word"], f"{w['log_ratio']:+.2f}",
+                                _num(w["reference_per_1k"], 2), _num(w["other_per_1k"], 2)] for w in freq[key]]))
+    return "".join(out)
+
+
+def _behaviours_markdown(report):
+    models = report["models"]
+    have = [m for m in models if m.get("behaviours")]
+    if not have:
+        return ""
+    names = list(dict.fromkeys(b for m in have for b in m["behaviours"]))
+    head = f"\n## Cognitive behaviours (judge: {report['settings'].get('judge')})\n\n"
+    if not _any_behaviour(models):
+        judged = sum(b["judged"] for m in have for b in m["behaviours"].values())
+        bad = sum(b["unparseable"] for m in have for b in m["behaviours"].values())
+        return head + (f"None found: no judged response shows any of {', '.join(names)} ({judged} judgments"
+                       f" parsed, {bad} unparseable).\n")
+    out = [head,
+           "Share of judged responses showing each behaviour (%) [bootstrap interval over problems]; "
+           "judged / unparseable answers in brackets (unparseable answers are left out, never read as 'no'):\n\n"]
+    cell = lambda m, b: ("-" if b not in (m.get("behaviours") or {}) else  # noqa: E731
+                         f"{_ci_text(m['behaviours'][b]['share'])} ({m['behaviours'][b]['judged']} / "
+                         f"{m['behaviours'][b]['unparseable']})")
+    out.append(_table(["behaviour"] + [m["label"] for m in models],
+                      [[b] + [cell(m, b) for m in models] for b in names]))
+    out.append("\nCorrect / incorrect responses (%):\n\n")
+    ci = lambda m, b: ("-" if b not in (m.get("behaviours") or {}) else  # noqa: E731
+                       f"{_pct(m['behaviours'][b].get('correct'))} / {_pct(m['behaviours'][b].get('incorrect'))}")
+    out.append(_table(["behaviour"] + [m["label"] for m in models], [[b] + [ci(m, b) for m in models] for b in names]))
+    for m in have:
+        rows = []
+        for b in names:
+            beh = m["behaviours"].get(b)
+            if beh and beh.get("by_bin"):
+                rows.append([b] + [f"{_pct(r['correct'])} / {_pct(r['incorrect'])}" for r in beh["by_bin"]])
+        if rows:
+            bins = [r["group"] for r in next(iter(m["behaviours"].values()))["by_bin"]]
+            out.append(f"\n{m['label']}, per reference bin, correct / incorrect responses (%):\n\n")
+            out.append(_table(["behaviour"] + bins, rows))
     return "".join(out)
 
 
@@ -708,6 +989,8 @@ def write_figures(report: dict, out_dir) -> list:
     width = 0.8 / max(len(models), 1)
     for measure, ylabel, name in (("tokens", "mean tokens", "lengths.png"),
                                   ("reflection_per_response", "reflection phrases / response", "keywords.png")):
+        if measure == "reflection_per_response" and not _any_reflection(models):
+            continue  # no blank figures: report.md says "none found"
         fig = Figure(figsize=(9, 3.6))
         axes = fig.subplots(1, 2, sharey=True)
         for ax, kind in zip(axes, ("correct", "incorrect")):
@@ -722,7 +1005,7 @@ def write_figures(report: dict, out_dir) -> list:
         save(fig, name)
 
     # Token categories per 1000 words.
-    cats = list(st["categories"])
+    cats = [c for c in st["categories"] if any(m["categories"][c]["per_1k_words"] for m in models)]
     if cats:
         fig = Figure(figsize=(5, 3.4))
         ax = fig.add_subplot()
@@ -734,6 +1017,26 @@ def write_figures(report: dict, out_dir) -> list:
         ax.set_ylabel("per 1000 words")
         ax.legend(fontsize=7)
         save(fig, "categories.png")
+
+    # Cognitive behaviours: share of responses with intervals.
+    have = [m for m in models if m.get("behaviours")]
+    if have and _any_behaviour(models):
+        names = list(dict.fromkeys(b for m in have for b in m["behaviours"]))
+        fig = Figure(figsize=(max(5, 1.2 * len(names)), 3.6))
+        ax = fig.add_subplot()
+        xb = np.arange(len(names))
+        for i, m in enumerate(models):
+            sh = [(m.get("behaviours") or {}).get(b, {}).get("share") or {} for b in names]
+            mean = np.array([100 * (v.get("mean") or 0) for v in sh])
+            err = np.array([[100 * ((v.get("mean") or 0) - (v.get("ci_low") or 0)) for v in sh],
+                            [100 * ((v.get("ci_high") or 0) - (v.get("mean") or 0)) for v in sh]])
+            ax.bar(xb + (i - (len(models) - 1) / 2) * width, mean, width, yerr=err, capsize=2, color=f"C{i}",
+                   label=m["label"])
+        ax.set_xticks(xb, names, fontsize=8, rotation=20)
+        ax.set_ylabel("% of judged responses")
+        ax.set_title(f"cognitive behaviours (judge: {st.get('judge')})", fontsize=9)
+        ax.legend(fontsize=7)
+        save(fig, "behaviours.png")
 
     tags = set()
     for j, c in enumerate(report["comparisons"]):

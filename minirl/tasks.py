@@ -17,7 +17,9 @@ Two tasks, each with levels 1..6 (``LEVELS``):
 
 ``make_problems(task, n, seed, levels)`` is deterministic: problem k depends only on
 (task, seed, k), so a larger n extends a smaller one. Problem k has level
-``levels[k % len(levels)]``; ``Problem.difficulty`` is that level.
+``levels[k % len(levels)]``; ``Problem.difficulty`` is that level. Its id encodes everything
+that makes it what it is, ``"{task}-L{levels}-s{seed}-{k}"`` (``"arithmetic-L12-s7-0"`` for
+levels [1, 2]), so two problem sets made with other levels or seeds never share an id.
 
 ``teacher_solution(problem)`` writes a short, regular, character-simple solution (for
 distilling a character-level model): one rewrite step at a time, ending in the boxed
@@ -74,12 +76,13 @@ def make_problems(task: str, n: int, seed: int = 0, levels=None) -> list:
     if n < 0:
         raise MinirlError(f"number of problems must be >= 0, got {n}")
     make = _make_arithmetic if task == "arithmetic" else _make_countdown
+    tag = "".join(str(lv) for lv in levels)  # levels are 1..6: one digit each, order kept
     problems = []
     for k in range(n):
         level = levels[k % len(levels)]
         # A string seed is hashed with SHA-512 by random.Random: the same in every process.
         rng = random.Random(f"{task}/{seed}/{k}")
-        problems.append(make(rng, level, f"{task}-s{seed}-{k}"))
+        problems.append(make(rng, level, f"{task}-L{tag}-s{seed}-{k}"))
     return problems
 
 

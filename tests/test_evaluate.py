@@ -89,3 +89,34 @@ def test_report_mismatched_files(tiny_model_dir, tmp_path):
 def test_missing_model(tmp_path):
     proc = run_eval(*sample_flags(tmp_path / "nope", tmp_path / "s.jsonl"), check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_synthetic_problem_ids_encode_task_levels_and_seed():
+    from minirl.tasks import make_problems
+    low = make_problems("arithmetic", 20, seed=7, levels=[1, 2])
+    high = make_problems("arithmetic", 20, seed=7, levels=[4, 5])
+    assert low[0].id == "arithmetic-L12-s7-0"
+    assert not {p.id for p in low} & {p.id for p in high}
+    assert not {p.id for p in low} & {p.id for p in make_problems("arithmetic", 20, seed=7, levels=[2, 1])}
+    assert not {p.id for p in low} & {p.id for p in make_problems("countdown", 20, seed=7, levels=[1, 2])}
+    assert [p.id for p in make_problems("arithmetic", 5, seed=7, levels=[1, 2])] == [p.id for p in low[:5]]
+
+
+def test_report_input_errors_one_line(tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps({"problem_id": f"arithmetic-L1-s0-{p}", "difficulty": 1, "gold": str(p),
+                                     "question": f"{p}+0=?", "sample_index": j, "response": f"\\boxed{{{j}}}",
+                                     "num_tokens": 9, "finish_reason": "stop", "answer": str(j),
+                                     "correct": j == p}) + "\n" for p in range(3) for j in range(2)))
+    proc = run_eval("report", a, "--ks", "1,x", "--out", tmp_path / "rep", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --ks: expected comma-separated whole numbers such as 1,8,64, got '1,x'"]
+    # The same problem ids holding other problems (a hand-edited gold answer): refused, naming an id.
+    rows = [json.loads(ln) for ln in open(a)]
+    first = rows[0]["problem_id"]
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps(dict(r, gold="99999") if r["problem_id"] == first else r) + "\n" for r in rows))
+    proc = run_eval("report", a, b, "--out", tmp_path / "rep", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"give problem {first!r} different problems" in proc.stderr
+    assert not os.path.exists(tmp_path / "rep")

@@ -275,3 +275,99 @@ def test_word_log_ratios():
     assert r["over_used"][0]["other_count"] == 40 and r["over_used"][0]["reference_count"] == 0
     assert "rare" not in [w["word"] for w in r["over_used"]]  # below min_count
     assert M.word_log_ratios(collections.Counter(), collections.Counter()) == {"over_used": [], "under_used": []}
+
+
+# --------------------------------------------------------------------------- tokens
+
+def word_level_tokenizer():
+    """A tiny word-level tokenizer (whitespace and punctuation split), as a minirl Tokenizer."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from minirl.tokenizer import Tokenizer
+    vocab = {w: i for i, w in enumerate(["[UNK]", "wait", "Wait", "so", "So", "the", "The", "answer",
+                                                  "is", "let", "me", "think", "unknown", "1", "2", "3", "5", "7",
+                                                  "8", ",", "."])}
+    tk = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece()
+    tk.add_special_tokens(["[UNK]"])
+    return Tokenizer(tk, {"unk_token": "[UNK]"})
+
+
+def test_token_frequencies_by_hand():
+    tok = word_level_tokenizer()
+    ref = M.count_tokens(["Wait, the answer is 7.", "wait wait so 8"], tok)
+    other = M.count_tokens(["so the answer is 7.", "so 8"], tok)
+    # By hand: "Wait" and "wait" are one entry; punctuation tokens count; 11 and 8 tokens.
+    assert ref == {"wait": 3, ",": 1, "the": 1, "answer": 1, "is": 1, "7": 1, ".": 1, "so": 1, "8": 1}
+    assert other == {"so": 2, "the": 1, "answer": 1, "is": 1, "7": 1, ".": 1, "8": 1}
+    assert not M.is_character_level(tok)
+    r = M.word_log_ratios(ref, other, alpha=1.0, min_count=1, top=3)
+    # |V| = 9, N_ref = 11, N_other = 8: r(w) = log((c_o + 1) / 17) - log((c_r + 1) / 20).
+    assert r["over_used"][0]["word"] == "so" and r["over_used"][0]["log_ratio"] == pytest.approx(math.log(60 / 34))
+    assert [w["word"] for w in r["over_used"][1:]] == [".", "7"]  # ties (log 20/17) by token text
+    assert r["over_used"][1]["log_ratio"] == pytest.approx(math.log(20 / 17))
+    assert [(w["word"], round(w["log_ratio"], 6)) for w in r["under_used"]] == [
+        ("wait", round(math.log(20 / 68), 6)), (",", round(math.log(20 / 34), 6))]
+    assert r["under_used"][0]["reference_per_1k"] == pytest.approx(1000 * 3 / 11)
+
+
+def test_character_level_tokenizer_is_detected():
+    from minirl.tokenizer import char_tokenizer
+    tok = char_tokenizer("abc+=0123")
+    assert M.is_character_level(tok)
+    assert M.count_tokens(["ab+a"], tok) == {"a": 2, "b": 1, "+": 1}
+
+
+def test_ratio_bootstrap_ci():
+    num, den = np.array([1.0, 3.0, 0.0]), np.array([10.0, 10.0, 20.0])
+    assert M.ratio_bootstrap_ci(num, den, 0) == (100.0, 100.0, 100.0)  # 1000 * 4 / 40
+    rate, low, high = M.ratio_bootstrap_ci(num, den, 2000, seed=3)
+    # By hand: the same problem draws as bootstrap_ci, each resample's ratio of sums.
+    idx = np.random.default_rng(3).integers(0, 3, size=(2000, 3))
+    ref = np.quantile(1000 * num[idx].sum(1) / den[idx].sum(1), [0.025, 0.975])
+    assert rate == 100.0 and (low, high) == pytest.approx(tuple(ref))
+    assert 0 <= low < rate < high <= 300
+    assert math.isnan(M.ratio_bootstrap_ci([0, 0], [0, 0])[0])
+
+
+def test_canonical_key_groups_equal_values():
+    assert M.canonical_key("0.5") == M.canonical_key("1/2") == M.canonical_key("\\frac{1}{2}")
+    assert M.canonical_key("2") != M.canonical_key("0.5") and M.canonical_key(None) is None
+    c = M.answer_classes([["0.5", "1/2", "\\frac12", "3"]], [[True, True, True, False]], normalize=M.canonical_key)
+    assert c.ids.tolist() == [[0, 0, 0, 1]]
+    s = M.answer_classes([["0.5", "1/2", "\\frac12", "3"]], [[True, True, True, False]])
+    assert s.ids.tolist() == [[0, 1, 2, 3]]
+
+
+def _whole_text_counts(texts, tok):
+    keys = M.token_keys(tok)
+    counts = M._encode_counts(list(texts), tok, len(keys))
+    out = collections.Counter()
+    for i in np.flatnonzero(counts):
+        if keys[i]:
+            out[keys[i]] += int(counts[i])
+    return out
+
+
+def test_count_tokens_equals_whole_text_encoding(smollm2_dir):
+    import minirl
+    tok = minirl.load_tokenizer(smollm2_dir)
+    texts = ["Wait,  hmm\n\n so  the answer is \\boxed{1/2}.  ", "  leading spaces", "tail  ", "",
+             "Let me verify: 12*3 = 36.\nTherefore \\(x = \\frac{3}{4}\\)\u2026 ok"] * 3
+    assert M.count_tokens(texts, tok) == _whole_text_counts(texts, tok)
+    assert M.count_tokens(["Wait, wait"], tok)["wait"] == 2
+
+
+def test_count_tokens_falls_back_when_pieces_differ():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from minirl.tokenizer import Tokenizer
+    # No pre-tokenizer: "a b" is one unknown word whole, but "a" and " b" are known pieces.
+    tk = HFTokenizer(models.WordLevel({"[UNK]": 0, "a": 1, " b": 2, "a b": 3}, unk_token="[UNK]"))
+    tk.add_special_tokens(["[UNK]"])
+    tok = Tokenizer(tk, {"unk_token": "[UNK]"})
+    texts = ["a b", "a", "a b"]
+    assert M.count_tokens(texts, tok) == _whole_text_counts(texts, tok) == {"a b": 2, "a": 1}

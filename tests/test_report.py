@@ -285,3 +285,108 @@ def test_single_file_report(pair, tmp_path):
     rep = build_report([base], tmp_path / "one", bootstrap=50)
     assert rep["comparisons"] == [] and len(rep["models"]) == 1
     assert "By difficulty bin" in (tmp_path / "one" / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- input checks and what a person sees
+
+def test_same_ids_but_different_problems_are_refused(tmp_path, pair):
+    base, _ = pair
+    other_gold = [dict(r, gold="9") if r["problem_id"] == "p2" else r for r in model_records(RL, RL_TEXT)]
+    path = write_jsonl(tmp_path / "gold.jsonl", other_gold)
+    with pytest.raises(MinirlError, match=r"give problem 'p2' different problems \(gold '2' vs '9'\)"):
+        build_report([base, path], tmp_path / "out")
+    a = write_jsonl(tmp_path / "qa.jsonl", [dict(r, question="1+1=?") for r in model_records(BASE, BASE_TEXT)])
+    b = write_jsonl(tmp_path / "qb.jsonl", [dict(r, question="1+1=?" if r["problem_id"] != "p1" else "2+0=?")
+                                            for r in model_records(RL, RL_TEXT)])
+    with pytest.raises(MinirlError, match=r"problem 'p1' different problems \(question '1\+1=\?' vs '2\+0=\?'\)"):
+        build_report([a, b], tmp_path / "out")
+    lines = model_records(BASE, BASE_TEXT)
+    lines[3]["question"] = "changed"
+    with pytest.raises(MinirlError, match=r"problem 'p0' has a different 'question'"):
+        read_samples(write_jsonl(tmp_path / "q.jsonl", lines))
+
+
+def test_answer_grouping_canonical_or_string(tmp_path):
+    # One problem, gold 1/2: answers 0.5 x3, 1/2 x2 (correct), 3 x4 (wrong).
+    answers = ["0.5"] * 3 + ["1/2"] * 2 + ["3"] * 4
+    rows = [dict(record("p0", j, a, "1/2", f"so {a}"), correct=a != "3") for j, a in enumerate(answers)]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    canon = build_report([path], tmp_path / "c", bootstrap=0, plots=False)
+    string = build_report([path], tmp_path / "s", bootstrap=0, plots=False, answer_grouping="string")
+    assert canon["models"][0]["maj_at_k"]["9"]["mean"] == 1.0      # 5 votes for 1/2 beat 4 for 3
+    assert string["models"][0]["maj_at_k"]["9"]["mean"] == 0.0     # 3 beats 0.5 (3 votes) and 1/2 (2)
+    h = lambda *c: -sum(x / 9 * math.log(x / 9) for x in c)  # noqa: E731
+    assert canon["models"][0]["answer_entropy"] == pytest.approx(h(5, 4))
+    assert string["models"][0]["answer_entropy"] == pytest.approx(h(3, 2, 4))
+    assert "by mathematical value" in (tmp_path / "c" / "report.md").read_text()
+    assert "by normalised string" in (tmp_path / "s" / "report.md").read_text()
+    with pytest.raises(MinirlError, match="--answer-grouping"):
+        build_report([path], tmp_path / "x", answer_grouping="sympy")
+
+
+def test_markdown_takeaway_paths_and_no_duplicate_rows(pair, tmp_path):
+    base, rl = pair
+    rep = build_report([base, rl], tmp_path / "r", bootstrap=50, plots=False)
+    md = (tmp_path / "r" / "report.md").read_text().splitlines()
+    c = rep["comparisons"][0]
+    d1, d8 = c["delta"]["accuracy"], c["delta"]["pass_at_k"]["8"]
+    assert md[2] == (f"**qwen-rl** vs base: pass@1 {100 * d1['mean']:+.1f} [{100 * d1['ci_low']:+.1f}, "
+                     f"{100 * d1['ci_high']:+.1f}] pp  ")
+    assert md[3].startswith(f"**qwen-rl** vs base: pass@8 {100 * d8['mean']:+.1f} [")
+    assert f"- **base**: {base}" in md and f"- **qwen-rl**: {rl} (model /ckpts/qwen-rl/)" in md
+    assert "| pass@1 (accuracy) | " in "\n".join(md) and not any(line.startswith("| pass@1 |") for line in md)
+    one = build_report([base], tmp_path / "one", bootstrap=0, plots=False)
+    first = (tmp_path / "one" / "report.md").read_text().splitlines()[2:4]
+    assert first[0].startswith("**base**: pass@1 43.8") and first[1].startswith("**base**: pass@8 75.0")
+    assert one["comparisons"] == []
+
+
+def test_no_all_zero_tables_or_blank_figures(tmp_path):
+    # Responses with no reflection phrase and no category word at all.
+    a = write_jsonl(tmp_path / "a.jsonl", model_records(BASE, "The result equals {a}."))
+    b = write_jsonl(tmp_path / "b.jsonl", model_records(RL, "Result {a}."))
+    rep = build_report([a, b], tmp_path / "r", bootstrap=10)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Reflection phrases: none found in any response." in md
+    assert "Token category **anthropomorphic**: none found" in md and "Token category **connectors**: none found" in md
+    assert "per 1k words" not in md and "Reflection phrases per response" not in md
+    assert not any(line.startswith("| hmm") or line.startswith("| wait") for line in md.splitlines())
+    assert "keywords.png" not in rep["figures"] and "categories.png" not in rep["figures"]
+    # A model with reflection: only the phrases some model uses get a row.
+    c = write_jsonl(tmp_path / "c.jsonl", model_records(BASE, BASE_TEXT))
+    build_report([c, b], tmp_path / "r2", bootstrap=10, plots=False)
+    md = (tmp_path / "r2" / "report.md").read_text()
+    assert "| wait | 1000.0 | 0.0 |" in md and "| hmm |" not in md
+
+
+def test_category_rates_per_1k_tokens(pair, tmp_path):
+    base, rl = pair
+    rep = build_report([base, rl], tmp_path / "r", bootstrap=100, plots=False)
+    b = rep["models"][0]["categories"]["anthropomorphic"]["per_1k_tokens"]
+    tokens = 10 * 14 + 20 * 18   # base: 14 correct responses of 10 tokens, 18 incorrect of 20
+    assert b["mean"] == pytest.approx(1000 * 2 * 32 / tokens)  # "wait" and "let me" in each response
+    assert b["ci_low"] <= b["mean"] <= b["ci_high"]
+    r = rep["models"][1]["categories"]["connectors"]["per_1k_tokens"]
+    assert r["mean"] == pytest.approx(1000 * 32 / (30 * 15 + 40 * 17))
+
+
+def test_token_tables_and_character_level_tokenizers(pair, tmp_path):
+    from test_metrics import word_level_tokenizer
+    base, rl = pair
+    tok_dir = tmp_path / "tok"
+    word_level_tokenizer().save(str(tok_dir))
+    rep = build_report([base, rl], tmp_path / "r", bootstrap=0, plots=False, tokenizer=str(tok_dir), word_min_count=1)
+    c = rep["comparisons"][0]
+    assert c["token_frequency"]["over_used"][0]["word"] == "so"          # a token of the vocabulary
+    assert c["word_frequency"]["over_used"][0]["word"] == "so"           # the word table stays beside it
+    assert "Tokens qwen-rl uses more than base" in (tmp_path / "r" / "report.md").read_text()
+    # Without a tokenizer (the settings' model is not here): said so, the word table stays.
+    rep = build_report([base, rl], tmp_path / "r2", bootstrap=0, plots=False, word_min_count=1)
+    assert rep["comparisons"][0]["token_frequency"] is None and rep["comparisons"][0]["word_frequency"]
+    assert "pass --tokenizer DIR" in (tmp_path / "r2" / "report.md").read_text()
+    # A character-level tokenizer (the bundled model's): no word or token table of fragments.
+    bundled = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-arith")
+    rep = build_report([base, rl], tmp_path / "r3", bootstrap=0, plots=False, tokenizer=bundled, word_min_count=1)
+    assert rep["comparisons"][0]["word_frequency"] is None and rep["comparisons"][0]["token_frequency"] is None
+    md = (tmp_path / "r3" / "report.md").read_text()
+    assert "the tokenizer is character-level" in md and "| so |" not in md
