@@ -233,7 +233,7 @@ def cmd_sample(args):
     import minirl
     from minirl.common import MinirlError, atomic_write_json, atomic_write_text, parse_dtype
     from minirl.checkpoint import read_config, resolve_model_path
-    from minirl.data import format_prompt
+    from minirl.data import format_prompt, prompt_add_special_tokens
     from minirl.grader import extract_answer, grade
     from minirl.training import Progress
 
@@ -246,7 +246,7 @@ def cmd_sample(args):
     if not problems:
         raise MinirlError("no problems to sample")
     tokenizer = minirl.load_tokenizer(args.model)
-    add_special = template != "chat"
+    add_special = prompt_add_special_tokens(template, tokenizer)  # a chat template writes its own BOS
     all_prompts = [tokenizer.encode(format_prompt(p.question, template, tokenizer), add_special_tokens=add_special)
                    for p in problems]
     context = read_config(resolve_model_path(args.model)).max_position_embeddings
