@@ -11,8 +11,8 @@ CPU mode: fp32 SmolLM2-135M-Instruct (the test-suite folder, built from the `llm
 package if missing), 128-token prompts of random ids, 128 new tokens, greedy, one sequence
 per prompt. Prints, per batch size, the seconds and generated tokens/s of both, the ratio,
 and how many sequences are identical between the two (greedy: they should all be, bar
-near-ties in the logits). Runs alternate between the two libraries and the best of
-`--repeats` is kept. On CPU the process CPU time is printed too: on a shared machine wall
+near-ties in the logits). Runs alternate between the two libraries and the median of
+`--repeats` is reported. On CPU the process CPU time is printed too: on a shared machine wall
 time includes waiting for a core, CPU time much less so (use --threads 1 there).
 
 GPU mode: random-weight bf16 models of Qwen2.5-0.5B and -1.5B shape, 64 and 256 sequences,
@@ -23,6 +23,7 @@ cache up to its current length) / measured device-to-device copy bandwidth.
 """
 import argparse
 import os
+from statistics import median
 import sys
 import time
 
@@ -72,19 +73,20 @@ def run_hf(hf, ids, new_tokens, sample, static=False):
 
 def compare(label, mine, hf, hf_ids, prompts, new_tokens, device, repeats, sample, hf_static=False,
             mine_kw=None, warmup=False):
-    """Alternate minirl and transformers runs, keep the best time of each. hf_ids holds every
-    sequence (a prompt repeated n times for groups); prompts the distinct ones."""
+    """Alternate minirl and transformers runs; report the median wall and CPU time of each.
+    hf_ids holds every sequence (a prompt repeated n times for groups); prompts the distinct ones."""
     mine_kw = mine_kw or {}
     if warmup:  # GPU: transformers compiles its static-cache forward per shape on first use
         run_minirl(mine, prompts, new_tokens, sample, **mine_kw)
         run_hf(hf, hf_ids, new_tokens, sample, hf_static)
-    best_m = best_h = cpu_m = cpu_h = float("inf")
+    wall_m, wall_h, cpu_m, cpu_h = [], [], [], []
     out_m = out_h = None
     for _ in range(repeats):
         t, c, out_m = timed(device, run_minirl, mine, prompts, new_tokens, sample, **mine_kw)
-        best_m, cpu_m = min(best_m, t), min(cpu_m, c)
+        wall_m.append(t), cpu_m.append(c)
         t, c, out_h = timed(device, run_hf, hf, hf_ids, new_tokens, sample, hf_static)
-        best_h, cpu_h = min(best_h, t), min(cpu_h, c)
+        wall_h.append(t), cpu_h.append(c)
+    best_m, best_h = median(wall_m), median(wall_h)
     B = len(hf_ids)
     same = sum(a == b for a, b in zip(out_m, out_h))
     tps_m, tps_h = B * new_tokens / best_m, B * new_tokens / best_h
@@ -92,8 +94,9 @@ def compare(label, mine, hf, hf_ids, prompts, new_tokens, device, repeats, sampl
             f"{tps_h:9.1f} tok/s | ratio {tps_m / tps_h:5.2f}x")
     if device.type == "cpu":
         # On a shared machine wall time includes waiting for a core; CPU time does not.
-        line += f" | by CPU time: {cpu_m:7.2f} s vs {cpu_h:7.2f} s, ratio {cpu_h / cpu_m:5.2f}x"
-    print(line + f" | identical sequences {same}/{B}", flush=True)
+        line += (f" | by CPU time: {median(cpu_m):7.2f} s vs {median(cpu_h):7.2f} s, ratio "
+                 f"{median(cpu_h) / median(cpu_m):5.2f}x")
+    print(line + f" | identical sequences {same}/{B} (medians of {repeats})", flush=True)
     return best_m, best_h
 
 
@@ -117,7 +120,7 @@ def cpu_main(args):
     hf.generation_config.pad_token_id = 0
     print(f"device: {device_description(device)}; torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"model: {path} (fp32); prompts {args.prompt_len} tokens (random ids), {args.new_tokens} new "
-          f"tokens, greedy, 1 sequence per prompt; best of {args.repeats}")
+          f"tokens, greedy, 1 sequence per prompt; medians of {args.repeats}")
     # Warm-up (first-call costs on both sides).
     w = random_prompts(2, 8, mine.config.vocab_size, 99)
     run_minirl(mine, w.tolist(), 4, False)
