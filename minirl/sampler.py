@@ -171,14 +171,17 @@ def sample_next(logits: torch.Tensor, uniforms: Optional[torch.Tensor], temperat
         logp = F.log_softmax(x, dim=-1).gather(-1, tokens[:, None])[:, 0] if need_logprobs else None
         return tokens, logp
     k = _effective_top_k(top_k, x.shape[-1])
-    cols, ids = x, None  # the tokens the distribution is spread over, in vocabulary order
+    cols, ids = x, None  # the tokens the distribution is spread over (all, in vocabulary order)
     if k or top_p < 1.0:
         cand = None if sync_free else _candidates(x, k, top_p)
         if cand is not None:
-            cols, ids = cand  # [B, K], [B, K]
+            cols, ids = cand  # [B, K], [B, K] by decreasing logit
         else:
             cols = x.masked_fill(x < _whole_vocab_cutoff(x, k, top_p), float("-inf"))  # [B, V]
     logp = F.log_softmax(cols, dim=-1)  # [B, K]
+    if ids is not None:  # candidates: the CDF runs in vocabulary order, as over the whole vocabulary
+        order = ids.argsort(dim=-1)  # [B, K]
+        ids, logp = ids.gather(-1, order), logp.gather(-1, order)
     cdf = logp.exp().cumsum(dim=-1, dtype=torch.float64)  # [B, K] fp64: a 150k tail stays exact
     # u * total < total for u < 1, so the search never runs past the last token of
     # positive probability, and a zero-probability token (cdf flat) is never the first > target.
@@ -191,7 +194,7 @@ def sample_next(logits: torch.Tensor, uniforms: Optional[torch.Tensor], temperat
 def _candidates(x: torch.Tensor, k: int, top_p: float):
     """The support of the distribution among few tokens: with top-k the k largest logits, with
     top-p alone the TOP_P_CANDIDATES largest. Returns (tempered logits [B, K] with the excluded
-    ones at -inf, their token ids [B, K]) in vocabulary order, or None when the host cannot
+    ones at -inf, their token ids [B, K]) by decreasing logit, or None when the host cannot
     confirm that the candidates hold the whole support (then use the whole vocabulary)."""
     vals, idx = x.topk(k or min(x.shape[-1], TOP_P_CANDIDATES), dim=-1)  # [B, K] descending
     if k:
@@ -205,8 +208,6 @@ def _candidates(x: torch.Tensor, k: int, top_p: float):
     # outside the candidates can tie with the last kept one).
     if not k and not bool((cut > vals[:, -1:]).all()):
         return None
-    order = idx.argsort(dim=-1)  # [B, K] vocabulary order: the CDF runs as over the whole vocabulary
-    vals, idx = vals.gather(-1, order), idx.gather(-1, order)
     return vals.masked_fill(vals < cut, float("-inf")), idx
 
 

@@ -414,3 +414,30 @@ def test_invalid_arguments_raise_before_any_work(tiny, monkeypatch, kwargs, matc
     with pytest.raises(MinirlError, match=match):
         generate(tiny, prompts, **args)
     assert issubclass(MinirlError, ValueError)
+
+
+# ----------------------------------------------------------------------------- per-prompt seeds
+
+def test_per_prompt_seeds_do_not_depend_on_the_other_prompts(tiny):
+    """With seeds=[one per prompt] a prompt's completions depend only on (prompt, its seed):
+    the same alone, batched with others in any order, or split over waves; so a caller can
+    derive the seed from (step, problem index) and split prompts over calls or processes."""
+    from minirl.common import make_generator
+    prompts = make_prompts([4, 9, 2, 6], seed=13)
+    seeds = [make_generator(5, "rollout", 7, i).initial_seed() for i in range(4)]  # (seed, step, problem)
+    kw = dict(n=3, max_new_tokens=10, temperature=1.0, top_p=0.9, return_logprobs=True, stop_token_ids=[3])
+    together = generate(tiny, prompts, seeds=seeds, **kw)
+    order = [2, 0, 3, 1]
+    shuffled = generate(tiny, [prompts[i] for i in order], seeds=[seeds[i] for i in order], **kw)
+    in_waves = generate(tiny, prompts, seeds=seeds, max_batch_tokens=2 * 19, **kw)
+    for i, p in enumerate(prompts):
+        alone = generate(tiny, [p], seeds=[seeds[i]], **kw)[0]
+        for other in (alone, shuffled[order.index(i)], in_waves[i]):
+            assert [c.token_ids for c in other] == [c.token_ids for c in together[i]]
+            for a, b in zip(other, together[i]):
+                np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-4)
+    # The same prompt twice with one seed: the same samples; another seed: others.
+    twice = generate(tiny, [prompts[0], prompts[0]], seeds=[seeds[0], seeds[0]], **kw)
+    assert ids_of(twice)[0] == ids_of(twice)[1] == ids_of(together)[0]
+    assert ids_of(generate(tiny, [prompts[0]], seeds=[seeds[0] + 1], **kw))[0] != ids_of(together)[0]
+    assert len({tuple(c.token_ids) for c in together[1]}) == 3  # the n samples still differ
