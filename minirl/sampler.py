@@ -367,7 +367,7 @@ def _bucket(rows: int, cap: int) -> int:
 class _Options:
     """What every step of every wave needs: sampling settings, stop and ban rules, the mode."""
     max_new: int
-    sp: dict                               # keyword arguments of sample_next
+    sampling: dict                         # keyword arguments of sample_next
     stop_ids: torch.Tensor                 # [S] stop token ids ([-1]: none)
     banned_mask: Optional[torch.Tensor]    # [V] banned_token_ids (None with banned words: in `ban`)
     ban: Optional[BanTables]               # banned words (and banned_token_ids), on the device
@@ -405,8 +405,8 @@ def generate(model, prompts, *, n: int = 1, max_new_tokens: int, temperature: fl
         banned_mask[torch.tensor(banned, device=device)] = True
     static = (use_cuda_graph and device.type == "cuda") if static_shapes is None else static_shapes
     opts = _Options(max_new=max_new_tokens, stop_ids=torch.tensor(stop or [-1], device=device),
-                    sp=dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                            need_logprobs=return_logprobs, sync_free=static),
+                    sampling=dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                                  need_logprobs=return_logprobs, sync_free=static),
                     banned_mask=banned_mask, ban=ban, static=static,
                     capture=static and use_cuda_graph and device.type == "cuda")
 
@@ -457,7 +457,7 @@ def _run_wave(model, prompts, wave, seeds, opts: _Options) -> List[Completion]:
     logits = _prefill(model, prompts, wave, rows.cache, P)  # [R, V]
     device = logits.device
     out = _Outputs(tokens=torch.zeros(T, R, dtype=torch.long, device=device),
-                   logprobs=torch.zeros(T, R, device=device) if opts.sp["need_logprobs"] else None,
+                   logprobs=torch.zeros(T, R, device=device) if opts.sampling["need_logprobs"] else None,
                    length=torch.full((R,), T, dtype=torch.long, device=device),
                    stopped=torch.zeros(R, dtype=torch.bool, device=device))
     tok, lp = _sample(logits, rows, R, torch.tensor(0, device=device), opts)  # [R], [R]
@@ -475,7 +475,7 @@ def _new_rows(model, prompts, wave, seeds, P: int, opts: _Options) -> _Rows:
     mask = torch.ones(R, W, dtype=torch.long, device=device)  # [R, W]
     mask[:, :P] = (torch.arange(P, device=device)[None, :] >= (P - plen)[:, None]).long()  # hide left padding
     uniforms = None
-    if opts.sp["temperature"] > 0:  # row r's random numbers come from its own seed only
+    if opts.sampling["temperature"] > 0:  # row r's random numbers come from its own seed only
         uniforms = torch.stack([torch.rand(opts.max_new, generator=torch.Generator().manual_seed(s),
                                            dtype=torch.float64) for s in seeds]).to(device)  # [R, T]
     return _Rows(cache=KVCache(model.config, R, W, device=device, dtype=dtype), mask=mask,
@@ -563,7 +563,7 @@ def _sample(logits, rows: _Rows, B: int, step, opts: _Options):
     mask = opts.banned_mask  # [V] or None
     if opts.ban is not None:
         mask = opts.ban.forbidden(rows.ban_state[:B], step == opts.max_new - 1)  # [B, V]
-    tok, lp = sample_next(logits, u, banned_mask=mask, **opts.sp)
+    tok, lp = sample_next(logits, u, banned_mask=mask, **opts.sampling)
     if opts.ban is not None:
         rows.ban_state[:B] = opts.ban.advance(rows.ban_state[:B], tok)
     return tok, lp
