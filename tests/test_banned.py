@@ -3,7 +3,11 @@ token sequence up to length 3 is allowed iff its decoded text holds no banned wh
 through generate() on a tiny random model (eager, static shapes, greedy), and the leak test
 on SmolLM2-135M-Instruct."""
 import itertools
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from minirl.sampler import generate
 from minirl.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORDS = ["but", "hmm", "wait", "maybe"]
 # Byte-level spellings ("Ġ" is a space, "Ċ" a newline): the word alone, with a leading space,
@@ -152,16 +157,29 @@ QUESTIONS = ["Is 91 a prime number? Think step by step.", "What is 17 * 23? Chec
              "more than the ball. How much does the ball cost?"]
 
 
-def test_smollm2_leak(smollm2_dir):
-    """SmolLM2-135M-Instruct: 48 responses of 48 tokens (the full 200 x 256 run is
-    benchmarks/bench_sampler.py --leak). Without the ban the words appear; with it, never."""
+def count_words(texts):
+    return sum(len(re.findall(r"\b(" + "|".join(LEAK_WORDS) + r")\b", t, re.IGNORECASE)) for t in texts)
+
+
+def test_smollm2_leak(smollm2_dir, tmp_path):
+    """evaluate.py sample --banned-words on SmolLM2-135M-Instruct: 48 responses of up to 48
+    tokens hold none of the words; the same request without the ban does (the full 200-response
+    run is `python benchmarks/bench_sampler.py --leak`)."""
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "0"}) + "\n" for q in QUESTIONS))
+    out = tmp_path / "s.jsonl"
+    flags = {"--model": smollm2_dir, "--data": data, "--template": "chat", "--n": 12, "--max-new-tokens": 48,
+             "--chunk-problems": 4, "--seed": 0, "--out": out, "--banned-words": ",".join(LEAK_WORDS)}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "sample",
+                           *[str(x) for kv in flags.items() for x in kv]],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    banned = [json.loads(ln)["response"] for ln in open(out)]
+    assert len(banned) == 48 and count_words(banned) == 0
+    # Without the ban (same prompts and settings, through the library): the words appear.
     model = load_model(smollm2_dir, device="cpu", dtype=torch.float32)
     tok = load_tokenizer(smollm2_dir)
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
-    kw = dict(n=12, max_new_tokens=48, temperature=1.0, stop_token_ids=tok.eos_token_ids, seed=0)
-    counts = {}
-    for name, extra in (("free", {}), ("banned", dict(banned_words=BannedWords(tok, LEAK_WORDS)))):
-        out = generate(model, prompts, **kw, **extra)
-        texts = [tok.decode(c.token_ids) for cs in out for c in cs]
-        counts[name] = sum(len(re.findall(r"\b(" + "|".join(LEAK_WORDS) + r")\b", t, re.I)) for t in texts)
-    assert counts["free"] > 0 and counts["banned"] == 0, counts
+    free = generate(model, prompts, n=12, max_new_tokens=48, temperature=1.0, stop_token_ids=tok.eos_token_ids,
+                    seed=0)
+    assert count_words([tok.decode(c.token_ids) for cs in free for c in cs]) > 0
