@@ -107,7 +107,7 @@ def _tempered(logits: torch.Tensor, temperature: float, banned_mask) -> torch.Te
     """fp32 logits [B, V], banned tokens at -inf, divided by the temperature (not when 0: greedy)."""
     x = logits.float()  # [B, V]
     if banned_mask is not None:
-        x = x.masked_fill(banned_mask, float("-inf"))  # mask [V] or [B, V]
+        x = torch.where(banned_mask, float("-inf"), x)  # mask [V] or [B, V] (faster than masked_fill on CPU)
     return x if temperature in (0, 1) else x / temperature
 
 
