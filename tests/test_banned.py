@@ -162,24 +162,24 @@ def count_words(texts):
 
 
 def test_smollm2_leak(smollm2_dir, tmp_path):
-    """evaluate.py sample --banned-words on SmolLM2-135M-Instruct: 48 responses of up to 48
+    """evaluate.py sample --banned-words on SmolLM2-135M-Instruct: 32 responses of up to 40
     tokens hold none of the words; the same request without the ban does (the full 200-response
     run is `python benchmarks/bench_sampler.py --leak`)."""
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": "0"}) + "\n" for q in QUESTIONS))
     out = tmp_path / "s.jsonl"
-    flags = {"--model": smollm2_dir, "--data": data, "--template": "chat", "--n": 12, "--max-new-tokens": 48,
+    flags = {"--model": smollm2_dir, "--data": data, "--template": "chat", "--n": 8, "--max-new-tokens": 40,
              "--chunk-problems": 4, "--seed": 0, "--out": out, "--banned-words": ",".join(LEAK_WORDS)}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "sample",
                            *[str(x) for kv in flags.items() for x in kv]],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     banned = [json.loads(ln)["response"] for ln in open(out)]
-    assert len(banned) == 48 and count_words(banned) == 0
+    assert len(banned) == 32 and count_words(banned) == 0
     # Without the ban (same prompts and settings, through the library): the words appear.
     model = load_model(smollm2_dir, device="cpu", dtype=torch.float32)
     tok = load_tokenizer(smollm2_dir)
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
-    free = generate(model, prompts, n=12, max_new_tokens=48, temperature=1.0, stop_token_ids=tok.eos_token_ids,
+    free = generate(model, prompts, n=8, max_new_tokens=40, temperature=1.0, stop_token_ids=tok.eos_token_ids,
                     seed=0)
     assert count_words([tok.decode(c.token_ids) for cs in free for c in cs]) > 0
