@@ -8,8 +8,8 @@
 (jsonl, one line per sample; format in minirl/report.py) plus `<name>.settings.json`. The
 problems are processed in fixed chunks, each with its own seed, and each chunk is written
 whole, so an interrupted run continues where it stopped (--resume is automatic) and gives
-the same file as an uninterrupted one. --banned-words restricts decoding (Hu et al.): every
-token whose text is one of the words (any case, with or without a leading space) is banned.
+the same file as an uninterrupted one. --banned-words restricts decoding (Hu et al.): the words
+never appear as whole words, in any case or tokenization (minirl/banned.py).
 
 `judge`: minirl.judge — labels each response for cognitive behaviours (verification,
 backtracking, ...) with a keyword baseline, a local model or an OpenAI-compatible server;
@@ -129,14 +129,6 @@ def build_parser():
 
 # ---------------------------------------------------------------- sample
 
-def banned_token_ids(tokenizer, words):
-    """Every token whose decoded text, stripped of surrounding spaces (byte-level BPE's 'Ġ',
-    SentencePiece's '▁' decode to a space), equals one of `words` in any case."""
-    wanted = {w.strip().lower() for w in words if w.strip()}
-    texts = tokenizer.tk.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
-    return sorted(i for i, t in enumerate(texts) if t.strip().lower() in wanted)
-
-
 def load_eval_problems(args):
     from minirl import tasks
     from minirl.data import load_problems
@@ -231,6 +223,7 @@ def cmd_sample(args):
     import torch
 
     import minirl
+    from minirl.banned import BannedWords
     from minirl.common import MinirlError, atomic_write_json, atomic_write_text, parse_dtype
     from minirl.checkpoint import read_config, resolve_model_path
     from minirl.data import format_prompt, prompt_add_special_tokens
@@ -268,12 +261,9 @@ def cmd_sample(args):
             raise MinirlError(f"{out} exists with other settings ({', '.join(diff)}); use another --out")
     ids = [p.id for p in problems]
     done = read_done_chunks(out, args.chunk_problems, args.n, ids)  # refuses a foreign file before any work
+    banned = BannedWords(tokenizer, args.banned_words) if args.banned_words else None
     device = torch.device(args.device) if args.device else None
     model = minirl.load_model(args.model, device=device, dtype=parse_dtype(args.dtype))
-    banned = banned_token_ids(tokenizer, args.banned_words.split(",")) if args.banned_words else None
-    if args.banned_words and not banned:
-        raise MinirlError(f"--banned-words: none of {args.banned_words!r} is a token of this vocabulary")
-    settings["banned_token_ids"] = banned
     atomic_write_json(settings_path, settings)  # the first file written: every input is known good
 
     atomic_write_text(out, "".join(json.dumps(o) + "\n" for o in done))  # drop a partial chunk
@@ -288,7 +278,7 @@ def cmd_sample(args):
         prompts = all_prompts[c * args.chunk_problems:(c + 1) * args.chunk_problems]
         groups = minirl.generate(model, prompts, n=args.n, max_new_tokens=max_new, temperature=args.temperature,
                                  top_p=args.top_p, top_k=args.top_k, stop_token_ids=tokenizer.eos_token_ids,
-                                 banned_token_ids=banned, seed=args.seed * 1_000_003 + c)
+                                 banned_words=banned, seed=args.seed * 1_000_003 + c)
         lines = []
         for p, group in zip(chunk, groups):
             for j, comp in enumerate(group):

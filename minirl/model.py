@@ -179,18 +179,6 @@ class KVCache:
     def max_len(self):
         return self.k[0].shape[2]
 
-    def select_rows(self, rows: torch.Tensor, out: "KVCache" = None) -> "KVCache":
-        """A cache holding only `rows` (index tensor), e.g. to drop finished sequences or to
-        copy one prefilled prompt to its n samples. Writes into `out` when given."""
-        new = out if out is not None else KVCache.__new__(KVCache)
-        if out is None:
-            new.k = [k.index_select(0, rows) for k in self.k]
-            new.v = [v.index_select(0, rows) for v in self.v]
-        else:
-            for dst, src in zip(new.k + new.v, self.k + self.v):
-                torch.index_select(src, 0, rows, out=dst[: len(rows)])
-        return new
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):

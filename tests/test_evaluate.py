@@ -2,6 +2,7 @@
 banned words, and the errors a user can cause."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,11 +61,9 @@ def test_interrupted_sample_resumes_to_the_same_file(tiny_model_dir, tmp_path):
 def test_banned_words_never_appear(tiny_model_dir, tmp_path):
     out = tmp_path / "s.jsonl"
     run_eval(*sample_flags(tiny_model_dir, out, **{"--banned-words": "a,B,7", "--max-new-tokens": 30}))
-    settings = json.load(open(tmp_path / "s.settings.json"))
-    assert len(settings["banned_token_ids"]) == 3  # 'a', 'b' (any case in the vocabulary), '7'
-    for ln in open(out):
+    for ln in open(out):  # whole words, any case ("17" and "ab" are other words)
         text = json.loads(ln)["response"]
-        assert "a" not in text and "b" not in text and "7" not in text
+        assert not re.search(r"\b(a|b|7)\b", text, re.IGNORECASE), text
 
 
 def test_changed_settings_refused(tiny_model_dir, tmp_path):

@@ -129,9 +129,8 @@ def test_greedy_with_cache_equals_full_recompute(tiny, monkeypatch):
     assert len({len(e[0]) for e in expected}) >= 3 and any(e[1] == "length" for e in expected)
 
     moves = []
-    real_move = sampler_mod._move_rows_to_front
-    monkeypatch.setattr(sampler_mod, "_move_rows_to_front", lambda t, keep: (moves.append(keep.numel()),
-                                                                             real_move(t, keep)))
+    real_compact = sampler_mod._compact
+    monkeypatch.setattr(sampler_mod, "_compact", lambda rows, m: (moves.append(m), real_compact(rows, m)))
     out = generate(tiny, prompts, n=3, max_new_tokens=T, temperature=0, stop_token_ids=sorted(stop),
                    return_logprobs=True)
     assert moves, "finished rows were never compacted away"
@@ -173,8 +172,8 @@ def test_memory_budget_splits_into_waves_with_the_same_result(tiny, monkeypatch)
 def test_static_cuda_graph_bookkeeping_gives_the_same_result(tiny, monkeypatch):
     """The CUDA path (batch padded to power-of-two buckets with stale rows, cache width padded
     to GRAPH_WIDTH_STEP, stops read every CUDA_SYNC_EVERY steps, whole-vocabulary sampling)
-    run eagerly on CPU: the same completions as the plain eager path. Only the graph
-    capture itself needs a GPU."""
+    run eagerly on CPU with static_shapes=True: the same completions as the plain eager path.
+    Only the graph capture itself needs a GPU."""
     prompts = make_prompts([5, 11, 1, 8, 3], seed=2)
     T = 40
     refs = [naive_greedy(tiny, p, T) for p in prompts]
@@ -183,13 +182,12 @@ def test_static_cuda_graph_bookkeeping_gives_the_same_result(tiny, monkeypatch):
     runs = []
     for sample in (dict(temperature=0), dict(temperature=1.0, top_k=40, seed=1)):
         eager = generate(tiny, prompts, **sample, **kw)
-        monkeypatch.setattr(sampler_mod, "_STATIC_ON_CPU", True)
         calls = []
-        real_step = sampler_mod._GraphRunner.step
-        monkeypatch.setattr(sampler_mod._GraphRunner, "step",
-                            lambda self, rows, width, *a: (calls.append((rows, width)),
-                                                           real_step(self, rows, width, *a))[1])
-        static = generate(tiny, prompts, **sample, **kw)
+        real_step = sampler_mod._decode_step
+        monkeypatch.setattr(sampler_mod, "_decode_step",
+                            lambda model, rows, B, width, *a: (calls.append((B, width)),
+                                                               real_step(model, rows, B, width, *a))[1])
+        static = generate(tiny, prompts, static_shapes=True, **sample, **kw)
         monkeypatch.undo()
         assert ids_of(static) == ids_of(eager)
         for a, b in zip(sum(static, []), sum(eager, [])):
@@ -399,6 +397,11 @@ def test_empty_request(tiny):
     (dict(banned_token_ids=list(range(VOCAB))), "banned_token_ids"),
     (dict(max_batch_tokens=5), "max_batch_tokens"),
     (dict(seed=1, generator=torch.Generator()), "seed or generator"),
+    (dict(seed=1, seeds=[3]), "seed or generator or seeds"),
+    (dict(seeds=[1, 2]), "one integer per prompt"),
+    (dict(seeds=[1.0]), "one integer per prompt"),
+    (dict(static_shapes=1), "static_shapes"),
+    (dict(banned_words=["wait"]), "BannedWords"),
     (dict(seed=1.5), "seed must"),
 ])
 def test_invalid_arguments_raise_before_any_work(tiny, monkeypatch, kwargs, match):
@@ -411,3 +414,30 @@ def test_invalid_arguments_raise_before_any_work(tiny, monkeypatch, kwargs, matc
     with pytest.raises(MinirlError, match=match):
         generate(tiny, prompts, **args)
     assert issubclass(MinirlError, ValueError)
+
+
+# ----------------------------------------------------------------------------- per-prompt seeds
+
+def test_per_prompt_seeds_do_not_depend_on_the_other_prompts(tiny):
+    """With seeds=[one per prompt] a prompt's completions depend only on (prompt, its seed):
+    the same alone, batched with others in any order, or split over waves; so a caller can
+    derive the seed from (step, problem index) and split prompts over calls or processes."""
+    from minirl.common import make_generator
+    prompts = make_prompts([4, 9, 2, 6], seed=13)
+    seeds = [make_generator(5, "rollout", 7, i).initial_seed() for i in range(4)]  # (seed, step, problem)
+    kw = dict(n=3, max_new_tokens=10, temperature=1.0, top_p=0.9, return_logprobs=True, stop_token_ids=[3])
+    together = generate(tiny, prompts, seeds=seeds, **kw)
+    order = [2, 0, 3, 1]
+    shuffled = generate(tiny, [prompts[i] for i in order], seeds=[seeds[i] for i in order], **kw)
+    in_waves = generate(tiny, prompts, seeds=seeds, max_batch_tokens=2 * 19, **kw)
+    for i, p in enumerate(prompts):
+        alone = generate(tiny, [p], seeds=[seeds[i]], **kw)[0]
+        for other in (alone, shuffled[order.index(i)], in_waves[i]):
+            assert [c.token_ids for c in other] == [c.token_ids for c in together[i]]
+            for a, b in zip(other, together[i]):
+                np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-4)
+    # The same prompt twice with one seed: the same samples; another seed: others.
+    twice = generate(tiny, [prompts[0], prompts[0]], seeds=[seeds[0], seeds[0]], **kw)
+    assert ids_of(twice)[0] == ids_of(twice)[1] == ids_of(together)[0]
+    assert ids_of(generate(tiny, [prompts[0]], seeds=[seeds[0] + 1], **kw))[0] != ids_of(together)[0]
+    assert len({tuple(c.token_ids) for c in together[1]}) == 3  # the n samples still differ
