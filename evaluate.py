@@ -22,7 +22,7 @@ reflection phrases, token-frequency comparison; report.json, report.md and PNGs.
 
 With no sub-command: samples the bundled base model (assets/tiny-arith) and the most recent
 GRPO and SFT runs (runs/grpo-*/final, runs/sft-*/final) on held-out arithmetic problems and
-writes the report comparing them — the seed paper's figures in miniature.
+writes the report comparing them — Kim et al.'s (arXiv 2505.14216) figures in miniature.
 """
 import argparse
 import glob

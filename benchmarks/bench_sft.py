@@ -35,7 +35,7 @@ from minirl.sft import (Sequence, collate, mean_causal_context, micro_batches,  
 from minirl.training import MasterAdamW  # noqa: E402
 from minirl.common import device_description  # noqa: E402
 
-# Qwen2.5-1.5B (config.json of the release): the seed paper's model size.
+# Qwen2.5-1.5B (config.json of the release): the model size of Kim et al., arXiv 2505.14216.
 QWEN25_15B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                   num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,

@@ -42,7 +42,7 @@ the worker to start (import sympy, up to ``STARTUP_TIMEOUT`` s, outside ``timeou
 ``warmup()`` starts it ahead of time.
 
 ``grade(response, gold, backend="math_verify")`` uses the math-verify package instead
-(what the seed paper used), in the same kind of worker, with the same hard bound.
+(what Kim et al., arXiv 2505.14216, used), in the same kind of worker, with the same hard bound.
 
 This module imports only the standard library at load time (the worker process loads
 this file by path and must stay light).

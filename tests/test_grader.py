@@ -29,7 +29,7 @@ CASES = load_cases()
 # minirl disagree, with the reason minirl's verdict is the right one.
 KNOWN_DISAGREEMENTS = {
     "extract-01": "two boxes (\\boxed{3}, then a corrected \\boxed{5}): math-verify reads both as the set "
-                  "{3, 5}; the final answer is the last box (the seed paper rewards the last \\boxed{})",
+                  "{3, 5}; the final answer is the last box (Kim et al. reward the last \\boxed{})",
     "scientific-11": "2.5e3 is scientific notation (2500); math-verify reads e as Euler's number (2.5*e*3)",
     "latex-09": "1\\,000 uses a LaTeX thin space as thousands separator (1000); math-verify reads 1*000 = 0",
     "latex-15": "\\boxed{12.} ends with a sentence period; math-verify cannot parse '12.' and marks it wrong",
