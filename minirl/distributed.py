@@ -1,0 +1,188 @@
+"""More than one process: torchrun + torch.distributed + FSDP2, in one place.
+
+The training and evaluation scripts run unchanged on one process; under `torchrun` they call
+the few functions below, and nothing else about them changes:
+
+    dist = distributed.init(device_flag)      # rank, world size, device; no-op without torchrun
+    model = distributed.shard(model, dist, compute_dtype)   # FSDP2: params/grads/optim 1/N each
+    mine = distributed.split(items, dist)     # this rank's share, by a fixed rule
+    everyone = distributed.gather(mine, dist) # every rank's share, in rank order
+    total = distributed.all_sum(x, dist)      # a float summed over ranks
+
+Sharding (FSDP2, `torch.distributed.fsdp.fully_shard`): every transformer block is one
+group, the embeddings/final norm/lm-head the root group. Parameters stay fp32 and sharded
+(they are the master weights, 1/N per rank, and AdamW's state is sharded with them); compute
+runs in `compute_dtype` (bf16 on GPU) and gradients are reduced in fp32. Gradients are
+*summed* over ranks (divide factor 1), not averaged: the losses already divide by global
+denominators (sequences, tokens of the whole batch), so the N-rank gradient is the 1-rank
+gradient up to the order of the floating-point additions.
+
+Failure: collectives time out after MINIRL_DIST_TIMEOUT seconds (default 600), so a rank that
+dies makes the others fail instead of waiting forever; torchrun then stops the job.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that prints and writes shared files."""
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device=None) -> Dist:
+    """Join the process group when started by torchrun (NCCL on CUDA, gloo on CPU); else the
+    single-process Dist. `device`: the --device flag (None: cuda if available, else cpu)."""
+    from minirl.common import default_device
+    device = torch.device(device) if device else default_device()
+    if not launched_by_torchrun():
+        return Dist(device=device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=float(os.environ.get("MINIRL_DIST_TIMEOUT", 600)))
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return Dist(rank, world, local_rank, device)
+
+
+def close(dist: Dist):
+    if dist.on and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def shard(model, dist: Dist, compute_dtype=None):
+    """FSDP2 over the ranks (see the module docstring). The model must hold fp32 weights."""
+    if not dist.on:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                  reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for m in [*model.model.layers, model]:
+        m.set_gradient_divide_factor(1.0)  # sum, not mean: the loss denominators are global
+        m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+    return model
+
+
+def split(items, dist: Dist):
+    """This rank's share of a list: items rank, rank + N, rank + 2N, ... (a fixed rule that
+    balances lengths to within one item)."""
+    return items[dist.rank::dist.world]
+
+
+def merge(shares):
+    """Undo split(): the per-rank lists (in rank order) back into the original order."""
+    out, world = [], len(shares)
+    for i in range(sum(len(s) for s in shares)):
+        out.append(shares[i % world][i // world])
+    return out
+
+
+def gather(obj, dist: Dist) -> list:
+    """Every rank's `obj` (any picklable value), in rank order, on every rank."""
+    if not dist.on:
+        return [obj]
+    out = [None] * dist.world
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(value: float, dist: Dist) -> float:
+    """A number summed over the ranks (float64 on the wire)."""
+    if not dist.on:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device=dist.device if dist.device.type == "cuda" else "cpu")
+    torch_dist.all_reduce(t)
+    return float(t.item())
+
+
+def barrier(dist: Dist):
+    if dist.on:
+        torch_dist.barrier()
+
+
+def local_bytes(module) -> int:
+    """Bytes of the parameters held by this rank (its shards under FSDP2)."""
+    total = 0
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def full_state_dict(model, dist: Dist) -> dict:
+    """The whole model's state dict on rank 0, on CPU (other ranks get {}): gathered one
+    tensor at a time, so rank 0 never holds more than one extra copy of the weights."""
+    if not dist.on:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(path: str, model, optimizer, dist: Dist, extra: dict = None):
+    """Every rank writes its shards of the weights and of AdamW's state with
+    torch.distributed.checkpoint (DCP) into `path`, atomically: into a temporary folder that
+    rank 0 renames once all ranks are done, so a partial checkpoint is never picked up.
+    `extra` (JSON-able, e.g. the step and data position) is written by rank 0 as extra.json.
+    `optimizer` is a torch optimizer (MasterAdamW's .opt)."""
+    import json
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    path = os.path.abspath(path)
+    tmp = path + ".tmp-dcp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(dist)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    barrier(dist)
+    if dist.main:
+        with open(os.path.join(tmp, "extra.json"), "w", encoding="utf-8") as f:
+            json.dump(extra or {}, f)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    barrier(dist)
+
+
+def load_sharded(path: str, model, optimizer, dist: Dist) -> dict:
+    """Load a save_sharded() checkpoint into this run's model and optimizer, whatever the
+    number of ranks that wrote it (DCP reshards). Returns its `extra` dict."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "extra.json"), encoding="utf-8") as f:
+        return json.load(f)
