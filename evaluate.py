@@ -112,20 +112,81 @@ def load_eval_problems(args):
     return problems[:args.limit] if args.limit else problems
 
 
+def check_sample_args(args):
+    """Every flag of `sample`, checked before anything is loaded or written: a refused
+    command leaves no file behind that would block the corrected one."""
+    import math
+
+    from minirl.common import MinirlError, check_writable_file, parse_dtype
+    from minirl.data import TEMPLATES
+    for flag, value in (("--n", args.n), ("--chunk-problems", args.chunk_problems),
+                        ("--num-problems", args.num_problems), ("--limit", args.limit),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise MinirlError(f"{flag} must be >= 1 (got {value})")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise MinirlError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise MinirlError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise MinirlError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if args.template is not None and args.template not in TEMPLATES:
+        raise MinirlError(f"--template {args.template!r}: choose one of {', '.join(TEMPLATES)}")
+    if args.task_levels:
+        try:
+            [int(x) for x in args.task_levels.split(",")]
+        except ValueError:
+            raise MinirlError(f"--task-levels {args.task_levels!r}: expected comma-separated integers") from None
+    try:
+        parse_dtype(args.dtype)
+    except MinirlError as e:
+        raise MinirlError(f"--dtype: {e}") from None
+    if args.device:
+        import torch
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise MinirlError(f"--device {args.device!r}: not a device (e.g. cpu, cuda, cuda:1)") from None
+    if not os.path.isdir(args.model) and (args.model.count("/") != 1 or args.model.startswith((".", "/", "~"))):
+        raise MinirlError(f"--model {args.model}: folder not found")
+    if args.data and not os.path.exists(args.data):
+        raise MinirlError(f"--data {args.data}: file not found")
+    if args.out:
+        check_writable_file(args.out, "--out")
+
+
+def read_settings(path):
+    """The settings file of an earlier (maybe interrupted) run, or None."""
+    from minirl.common import MinirlError
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise MinirlError(f"{path}: unreadable settings file ({e}); remove it together with its samples file") from None
+
+
 def read_done_chunks(path, chunk_size, n, problem_ids):
-    """Lines of the whole chunks already in `path` (an interrupted run); a partly written
-    chunk is dropped and sampled again."""
+    """Lines of the whole chunks already in `path` (an interrupted run): a partly written
+    chunk, or a last line torn by a kill, is dropped and sampled again; a bad line before
+    the last is an error naming the file and line."""
     from minirl.common import MinirlError, read_jsonl
     if not os.path.exists(path):
         return []
-    lines = [obj for _, obj in read_jsonl(path)]
-    per_chunk = chunk_size * n
-    whole = len(lines) // per_chunk * per_chunk
+    lines = [obj for _, obj in read_jsonl(path, torn_tail=True)]
+    whole = 0  # lines in the complete chunks (the last chunk may hold fewer problems)
+    for start in range(0, len(problem_ids), chunk_size):
+        size = min(chunk_size, len(problem_ids) - start) * n
+        if whole + size > len(lines):
+            break
+        whole += size
     kept = lines[:whole]
     for k, obj in enumerate(kept):
-        expected = problem_ids[k // n] if k // n < len(problem_ids) else None
-        if obj.get("problem_id") != expected:
-            raise MinirlError(f"{path}: line {k + 1} is problem {obj.get('problem_id')!r}, expected "
+        expected = problem_ids[k // n]
+        if not isinstance(obj, dict) or obj.get("problem_id") != expected:
+            got = obj.get("problem_id") if isinstance(obj, dict) else obj
+            raise MinirlError(f"{path}: line {k + 1} is problem {got!r}, expected "
                               f"{expected!r}: the file belongs to other settings; use another --out")
     return kept
 
@@ -135,14 +196,12 @@ def cmd_sample(args):
 
     import minirl
     from minirl.common import MinirlError, atomic_write_json, atomic_write_text, parse_dtype
+    from minirl.checkpoint import read_config, resolve_model_path
     from minirl.data import format_prompt
     from minirl.grader import extract_answer, grade
     from minirl.training import Progress
 
-    if args.n < 1:
-        raise MinirlError(f"--n must be >= 1 (got {args.n})")
-    if args.chunk_problems < 1:
-        raise MinirlError(f"--chunk-problems must be >= 1 (got {args.chunk_problems})")
+    check_sample_args(args)
     bundled = os.path.normpath(args.model) == os.path.normpath(DEMO_MODEL)
     template = args.template or ("raw" if bundled else "boxed")
     max_new = args.max_new_tokens or (64 if bundled else 3000)
@@ -151,6 +210,14 @@ def cmd_sample(args):
     if not problems:
         raise MinirlError("no problems to sample")
     tokenizer = minirl.load_tokenizer(args.model)
+    add_special = template != "chat"
+    all_prompts = [tokenizer.encode(format_prompt(p.question, template, tokenizer), add_special_tokens=add_special)
+                   for p in problems]
+    context = read_config(resolve_model_path(args.model)).max_position_embeddings
+    longest = max(range(len(problems)), key=lambda i: len(all_prompts[i]))
+    if len(all_prompts[longest]) + max_new > context:
+        raise MinirlError(f"problem {problems[longest].id}: {len(all_prompts[longest])} prompt tokens + "
+                          f"--max-new-tokens {max_new} exceed the model's context ({context})")
     settings = {"model": args.model, "label": args.label or label_of(args.model), "n": args.n,
                 "template": template, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "max_new_tokens": max_new, "seed": args.seed,
@@ -158,34 +225,31 @@ def cmd_sample(args):
                 "banned_words": args.banned_words, "grader": args.grader, "chunk_problems": args.chunk_problems,
                 "num_problems": len(problems)}
     settings_path = os.path.splitext(out)[0] + ".settings.json"
-    if os.path.exists(settings_path):
-        with open(settings_path) as f:
-            old = json.load(f)
+    old = read_settings(settings_path)
+    if old is not None:
         diff = [k for k in settings if k != "label" and old.get(k) != settings[k]]
         if diff:
             raise MinirlError(f"{out} exists with other settings ({', '.join(diff)}); use another --out")
+    ids = [p.id for p in problems]
+    done = read_done_chunks(out, args.chunk_problems, args.n, ids)  # refuses a foreign file before any work
     device = torch.device(args.device) if args.device else None
     model = minirl.load_model(args.model, device=device, dtype=parse_dtype(args.dtype))
     banned = banned_token_ids(tokenizer, args.banned_words.split(",")) if args.banned_words else None
     if args.banned_words and not banned:
         raise MinirlError(f"--banned-words: none of {args.banned_words!r} is a token of this vocabulary")
     settings["banned_token_ids"] = banned
-    atomic_write_json(settings_path, settings)
+    atomic_write_json(settings_path, settings)  # the first file written: every input is known good
 
-    ids = [p.id for p in problems]
-    done = read_done_chunks(out, args.chunk_problems, args.n, ids)
     atomic_write_text(out, "".join(json.dumps(o) + "\n" for o in done))  # drop a partial chunk
     start_problem = len(done) // args.n
-    chunks = range(start_problem // args.chunk_problems, -(-len(problems) // args.chunk_problems))
+    chunks = range(-(-start_problem // args.chunk_problems), -(-len(problems) // args.chunk_problems))
     progress = Progress(len(problems), start_problem)
     if start_problem:
         print(f"resuming {out}: {start_problem}/{len(problems)} problems already sampled", flush=True)
-    add_special = template != "chat"
     tokens_total, t0 = 0, time.time()
     for c in chunks:
         chunk = problems[c * args.chunk_problems:(c + 1) * args.chunk_problems]
-        prompts = [tokenizer.encode(format_prompt(p.question, template, tokenizer), add_special_tokens=add_special)
-                   for p in chunk]
+        prompts = all_prompts[c * args.chunk_problems:(c + 1) * args.chunk_problems]
         groups = minirl.generate(model, prompts, n=args.n, max_new_tokens=max_new, temperature=args.temperature,
                                  top_p=args.top_p, top_k=args.top_k, stop_token_ids=tokenizer.eos_token_ids,
                                  banned_token_ids=banned, seed=args.seed * 1_000_003 + c)

@@ -78,15 +78,71 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+# ---------------------------------------------------------------- files
+# Temporary files and folders are created private (mkstemp 0600, mkdtemp 0700). What a run
+# leaves behind must be readable as if written with plain open() / os.makedirs: the mode is
+# set from the umask (0644 / 0755 under the usual umask 022), so a colleague on a shared
+# cluster can load the model.
+
+
+def current_umask() -> int:
+    """The process umask (Linux: read from /proc, so no other thread ever sees it changed)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(is_dir: bool) -> int:
+    """The permission bits open() (0666) or os.makedirs() (0777) would give under the umask."""
+    return (0o777 if is_dir else 0o666) & ~current_umask()
+
+
+def settle_tree(folder):
+    """Before a built folder is renamed into place: give every file and folder in it the
+    umask's mode (some writers, safetensors among them, create files 0600), and flush it
+    all to the disk, so that the rename never exposes names whose contents a power cut
+    could still lose."""
+    file_mode, dir_mode = plain_mode(is_dir=False), plain_mode(is_dir=True)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, dir_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            os.chmod(path, file_mode)
+            fsync_path(path)
+    fsync_path(folder)
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path, data: bytes):
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+    The file gets the mode of the file it replaces, or the umask's mode for a new one."""
     path = str(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
+    mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else plain_mode(is_dir=False)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -107,8 +163,10 @@ class AtomicDir:
 
         with AtomicDir(out_dir) as tmp:
             ...write files into tmp...
-    A crash inside the block leaves no folder at `out_dir` that looks complete; an
-    existing `out_dir` is replaced only after the new one is fully written."""
+    A crash inside the block leaves no folder at `out_dir` that looks complete, only a
+    `.tmp-*` folder beside it; an existing `out_dir` is replaced only after the new one is
+    fully written and flushed to the disk. Everything in it gets the umask's modes (0755 for
+    folders, 0644 for files under umask 022), whatever mode the writers created."""
 
     def __init__(self, path):
         self.path = os.path.abspath(str(path))
@@ -123,28 +181,93 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        settle_tree(self.tmp)
         if os.path.exists(self.path):
-            old = self.path + ".old-" + os.path.basename(self.tmp)
+            old = self.tmp + ".old"  # still a .tmp-* name: a crash here leaves only a leftover
             os.replace(self.path, old)
             os.replace(self.tmp, self.path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.path)
+        fsync_path(os.path.dirname(self.path))  # the rename itself
         return False
 
 
-def read_jsonl(path):
-    """Yield (line_number, object) for each non-blank line; a bad line names file and line."""
+def read_jsonl(path, torn_tail: bool = False):
+    """Yield (line_number, object) for each non-blank line; a bad line names file and line.
+
+    torn_tail=True is for files a process appends to (metrics.jsonl, samples files): a kill
+    or power cut during the last append leaves a last line cut short (or NUL bytes). That
+    line is skipped instead of refused; a bad line anywhere before it is still an error."""
     if not os.path.exists(path):
         raise MinirlError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
+        pending = None  # the latest non-blank line, parsed once we know it is not the last
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            if pending is not None:
+                yield pending[0], _parse_json_line(path, *pending)
+            pending = (i, line)
+        if pending is not None:
             try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MinirlError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                obj = _parse_json_line(path, *pending)
+            except MinirlError:
+                if not torn_tail:
+                    raise
+            else:
+                yield pending[0], obj
+
+
+def _parse_json_line(path, lineno: int, line: bytes):
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MinirlError(f"{path}:{lineno}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise MinirlError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def check_writable_dir(path, flag: str, shown=None):
+    """Refuse, before any work, an output folder that cannot be created or written, naming
+    the flag. os.access is not enough (root is "allowed" everything, even in /proc), so
+    this tries: a probe file in an existing folder, or the folder itself (removed again)."""
+    shown = shown or path
+    path = os.path.abspath(str(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise MinirlError(f"{flag} {shown}: exists and is not a folder")
+    created = []
+    try:
+        if os.path.isdir(path):
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".tmp-probe-")
+            os.close(fd)
+            os.remove(probe)
+        else:
+            missing = path
+            while not os.path.exists(missing):
+                created.append(missing)
+                missing = os.path.dirname(missing)
+            os.makedirs(path)
+    except OSError as e:
+        raise MinirlError(f"{flag} {shown}: cannot write there ({e.strerror or e})") from None
+    finally:
+        for d in created:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+def check_writable_file(path, flag: str):
+    """check_writable_dir for an output file: its folder, and the file itself if it exists."""
+    if os.path.isdir(path):
+        raise MinirlError(f"{flag} {path}: is a folder, expected a file name")
+    check_writable_dir(os.path.dirname(os.path.abspath(str(path))), flag, shown=path)
+    if os.path.exists(path):
+        try:
+            open(path, "ab").close()
+        except OSError as e:
+            raise MinirlError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
 # The bundled tiny model (README: "The bundled tiny model"), found from the package so the

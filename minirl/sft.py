@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from minirl.common import MinirlError, read_jsonl
+from minirl.common import MinirlError, make_generator, read_jsonl
 from minirl.losses import linear_logprobs
 
 # ---------------------------------------------------------------- examples -> token ids
@@ -251,16 +251,17 @@ def load_sequences(path: str, tokenizer, template: str, eos_ids: list, only_corr
     return seqs, {"examples": len(seqs)}
 
 
-def task_sequences(tokenizer, eos_id: int, task: str, n: int, seed: int, levels, template: str):
-    """Teacher solutions of a synthetic task (minirl.tasks) as training sequences: the
-    default data of `python train_sft.py` (distil the harder arithmetic levels)."""
+def task_sequences(tokenizer, eos_id: int, problems, template: str):
+    """Teacher solutions of synthetic task problems (minirl.tasks.make_problems) as training
+    sequences, grouped by problem id: the default data of `python train_sft.py` (distil the
+    harder arithmetic levels)."""
     from minirl.data import format_prompt
-    from minirl.tasks import make_problems, teacher_solution
+    from minirl.tasks import teacher_solution
 
     special = prompt_add_special_tokens(template, tokenizer)
     return [encode_pair(tokenizer, format_prompt(p.question, template, tokenizer), teacher_solution(p),
-                        eos_id, p.id, f"{task} problem {p.id}", special)
-            for p in make_problems(task, n, seed, levels=levels)]
+                        eos_id, p.id, f"problem {p.id}", special)
+            for p in problems]
 
 
 def drop_too_long(seqs, max_len: int, on_too_long: str):
@@ -288,8 +289,8 @@ def split_heldout(seqs, fraction: float, seed: int):
     n_val = int(round(fraction * len(groups)))
     if n_val == 0 or n_val >= len(groups):
         return list(seqs), []
-    rng = np.random.default_rng(seed + 12345)
-    val_groups = set(groups[i] for i in rng.permutation(len(groups))[:n_val])
+    perm = torch.randperm(len(groups), generator=make_generator(seed, "sft-heldout-split")).tolist()
+    val_groups = set(groups[i] for i in perm[:n_val])
     return [s for s in seqs if s.group not in val_groups], [s for s in seqs if s.group in val_groups]
 
 
@@ -330,8 +331,7 @@ def pack_rows(order, lengths, max_len: int, window: int = 64) -> list:
 def epoch_order(n: int, seed: int, epoch: int) -> list:
     """The shuffled order of epoch `epoch`: a function of (seed, epoch) only, so a resumed
     run sees the data in exactly the order an uninterrupted one would."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return torch.randperm(n, generator=make_generator(seed, "sft-epoch-order", epoch)).tolist()
 
 
 def plan_epoch(lengths, seed: int, epoch: int, max_len: int, rows_per_step: int) -> list:

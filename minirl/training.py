@@ -11,18 +11,20 @@ Exact resume: all randomness in the loops comes from generators seeded by (seed,
 the data order by (seed, epoch), so a checkpoint needs only the step, the optimizer (with the
 master weights) and the weights themselves.
 """
-import glob
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
+import zipfile
 
 import torch
 
-from minirl.checkpoint import load_model, save_model
-from minirl.common import AtomicDir, MinirlError, TrainingDiverged, atomic_write_json
+from minirl.checkpoint import load_model, read_config, read_safetensors_header, save_model, weight_files
+from minirl.common import (AtomicDir, MinirlError, TrainingDiverged, atomic_write_json, atomic_write_text,
+                           check_writable_dir, read_jsonl)
 
 # ---------------------------------------------------------------- optimizer
 
@@ -137,19 +139,28 @@ def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
 def check_out_dir(out: str, resume: bool, flag: str = "--out"):
     """The one run-folder rule of the training scripts, checked before any work: a folder
     that already holds a run is continued with --resume and refused without it (two runs
-    never mix in one folder); a folder that cannot be created or written is refused."""
-    if not resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
+    never mix in one folder); a folder that cannot be created or written is refused (by
+    trying, not by asking os.access, which says yes to root even under /proc)."""
+    if not resume and holds_run(out):
         raise MinirlError(f"{flag} {out}: already holds a run; pass --resume to continue it "
                           "or choose another folder")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise MinirlError(f"{flag} {out}: cannot write there ({parent} is not a writable folder)")
+    check_writable_dir(out, flag)
+
+
+def holds_run(folder: str) -> bool:
+    """Whether a run has started in `folder` (any of the files a run writes is there)."""
+    ckpts = os.path.join(folder, "checkpoints")
+    return (any(os.path.exists(os.path.join(folder, name)) for name in ("metrics.jsonl", "args.json", "final"))
+            or os.path.isdir(ckpts) and any(CHECKPOINT_NAME.match(n) for n in os.listdir(ckpts)))
+
+
+CHECKPOINT_NAME = re.compile(r"step_(\d+)$")
+MANIFEST = "manifest.json"  # written last into a checkpoint: the names and sizes of its files
 
 
 class RunDir:
-    """runs/NAME/: args.json, metrics.jsonl, checkpoints/step_NNNNNN (HF folder + trainer_state.pt)."""
+    """runs/NAME/: args.json, metrics.jsonl, checkpoints/step_NNNNNN/ (model/ as an HF folder,
+    trainer_state.pt, manifest.json). See docs/runs.md."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -179,7 +190,7 @@ class RunDir:
 
     def log(self, record: dict):
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record) + "\n")  # one write per line: a kill tears at most the last
         step = record.get("step")
         if self._wandb is not None:
             self._wandb.log(record, step=step)
@@ -188,42 +199,154 @@ class RunDir:
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, step)
 
-    def truncate_metrics(self, after_step: int):
-        """On resume: drop metric lines written after the checkpoint (the run repeats them)."""
+    def truncate_metrics(self, after_step: int) -> list:
+        """On resume: drop metric lines written after the checkpoint (the run repeats them),
+        and a torn last line (a write cut short by a kill). Returns notes for the user
+        (empty when nothing unusual was dropped). A bad line before the last is an error."""
         if not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path, encoding="utf-8") as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
-        from minirl.common import atomic_write_text
-        atomic_write_text(self.metrics_path, "".join(keep))
+            return []
+        lines = list(read_jsonl(self.metrics_path, torn_tail=True))
+        with open(self.metrics_path, "rb") as f:
+            total = sum(1 for ln in f if ln.strip())
+        keep = [obj for _, obj in lines if obj.get("step", 0) <= after_step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(obj) + "\n" for obj in keep))
+        torn = total - len(lines)
+        return [f"{self.metrics_path}: dropped a torn last line (a write cut short)"] if torn else []
 
-    def checkpoints(self):
-        return sorted(glob.glob(os.path.join(self.ckpt_root, "step_*")))
+    def checkpoints(self) -> list:
+        """The checkpoint folders step_NNNNNN, oldest first (leftover .tmp-* folders excluded)."""
+        found = [e.path for e in os.scandir(self.ckpt_root) if e.is_dir() and CHECKPOINT_NAME.match(e.name)]
+        return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(os.path.basename(p)).group(1)))
+
+    def resume_checkpoint(self):
+        """(checkpoint folder or None, notes): what --resume continues from. Call once, when a
+        resumed run starts (never while another process may be saving into this folder).
+
+        Removes the .tmp-* files and folders an interrupted save left behind (in the run
+        folder and in checkpoints/: a killed save of final/ leaves a whole model), then takes the newest
+        checkpoint that verify_checkpoint accepts; each damaged one skipped gets a note, e.g.
+        "checkpoint step_000006 is damaged (...); resuming from step_000004". The notes are
+        for the entry script to print. Raises MinirlError when checkpoints exist but every
+        one is damaged (starting over silently would hide it)."""
+        notes = []
+        leftovers = sorted(e.path for folder in (self.path, self.ckpt_root) for e in os.scandir(folder)
+                           if e.name.startswith(".tmp-"))
+        for path in leftovers:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+        if leftovers:
+            notes.append(f"removed {len(leftovers)} unfinished file(s) left by an interrupted save ("
+                         + ", ".join(os.path.relpath(p, self.path) for p in leftovers) + ")")
+        damaged = []
+        for ckpt in reversed(self.checkpoints()):
+            problem = verify_checkpoint(ckpt)
+            if problem is None:
+                for name, why in damaged:
+                    notes.append(f"checkpoint {name} is damaged ({why}); resuming from {os.path.basename(ckpt)}")
+                return ckpt, notes
+            damaged.append((os.path.basename(ckpt), problem))
+        if damaged:
+            raise MinirlError(f"--resume: every checkpoint in {self.ckpt_root} is damaged ("
+                              + "; ".join(f"{n}: {why}" for n, why in damaged)
+                              + "); remove them to start the run over, or use another --out")
+        return None, notes
 
     def latest_checkpoint(self):
-        done = [c for c in self.checkpoints() if os.path.exists(os.path.join(c, "trainer_state.pt"))]
-        return done[-1] if done else None
+        """The folder of resume_checkpoint() without its notes (call only when resuming)."""
+        return self.resume_checkpoint()[0]
 
     def save_checkpoint(self, step: int, model, tokenizer, optimizer, extra: dict = None, keep_last: int = 2):
-        """Atomic: the folder appears complete or not at all. Refuses non-finite weights."""
+        """Atomic: the folder appears complete or not at all. Refuses non-finite weights.
+        manifest.json is written last; resume checks every file against it."""
         out = os.path.join(self.ckpt_root, f"step_{step:06d}")
         with AtomicDir(out) as tmp:
-            save_model(model, tmp + "/model", tokenizer=tokenizer)
+            save_model(model, os.path.join(tmp, "model"), tokenizer=tokenizer)
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {}},
                        os.path.join(tmp, "trainer_state.pt"))
+            write_manifest(tmp, step)
         if keep_last and keep_last > 0:
             for old in self.checkpoints()[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         return out
 
 
+def write_manifest(folder: str, step: int):
+    """manifest.json: every file's size, and each safetensors file's header length."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            entry = {"size": os.path.getsize(path)}
+            if name.endswith(".safetensors"):
+                with open(path, "rb") as f:
+                    entry["header_bytes"] = int.from_bytes(f.read(8), "little")
+            files[os.path.relpath(path, folder).replace(os.sep, "/")] = entry
+    atomic_write_json(os.path.join(folder, MANIFEST), {"step": step, "files": files})
+
+
+def verify_checkpoint(ckpt_dir: str):
+    """None if the checkpoint is complete, else what is wrong, in a few words.
+
+    Checks what a kill, a full disk or a power cut leaves (missing, truncated or zeroed
+    files), not bit-level corruption: every file in manifest.json is present with its size,
+    each safetensors file starts with its recorded header length, the header parses and its
+    tensors fit in the file, config.json parses and
+    trainer_state.pt's zip directory (at the end of the file) reads. Checkpoints written
+    before manifests existed get the same checks without the size list. Reads no weights."""
+    state_path = os.path.join(ckpt_dir, "trainer_state.pt")
+    manifest_path = os.path.join(ckpt_dir, MANIFEST)
+    if os.path.exists(manifest_path):
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                listed = json.load(f)["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MANIFEST} unreadable"
+        for rel, entry in listed.items():
+            path = os.path.join(ckpt_dir, rel)
+            if not os.path.exists(path):
+                return f"{rel} missing"
+            size = os.path.getsize(path)
+            if size != entry.get("size"):
+                return f"{rel} {'truncated' if size < entry.get('size', 0) else 'has the wrong size'}: " \
+                       f"{size} of {entry.get('size')} bytes"
+            if "header_bytes" in entry:
+                with open(path, "rb") as f:
+                    if int.from_bytes(f.read(8), "little") != entry["header_bytes"]:
+                        return f"{rel} does not start with the header it was written with"
+    elif not os.path.exists(state_path):
+        return "trainer_state.pt missing"
+    model_dir = os.path.join(ckpt_dir, "model")
+    try:
+        read_config(model_dir)
+        for path in weight_files(model_dir):
+            read_safetensors_header(path)
+    except MinirlError as e:
+        return str(e).replace(ckpt_dir + os.sep, "")
+    try:
+        with zipfile.ZipFile(state_path) as z:
+            z.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"trainer_state.pt unreadable ({e})"
+    return None
+
+
 def load_checkpoint(ckpt_dir: str, device, dtype):
-    """(model, trainer_state) from a checkpoint folder; state loaded with weights_only=True."""
+    """(model, trainer_state) from a checkpoint folder; state loaded with weights_only=True.
+    A damaged file is a MinirlError naming it, never a traceback."""
     state_path = os.path.join(ckpt_dir, "trainer_state.pt")
     if not os.path.exists(state_path):
         raise MinirlError(f"{state_path}: not found (incomplete checkpoint?)")
     model = load_model(os.path.join(ckpt_dir, "model"), device=device, dtype=dtype)
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # PytorchStreamReader, unpickling, zip errors: the file is unusable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MinirlError(f"{state_path}: damaged trainer state ({first}); resume from an "
+                          "earlier checkpoint by removing this one") from None
     return model, state
 
 

@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 
 import train_sft  # noqa: E402
 from minirl import MinirlError, load_model  # noqa: E402
+from minirl.common import TrainingDiverged  # noqa: E402
 from minirl.model import ModelConfig, Transformer  # noqa: E402
 from minirl.sft import (Sequence, collate, encode_messages, encode_pair, micro_batches,  # noqa: E402
                         pack_rows, plan_epoch, response_logprobs, select_samples)
@@ -346,7 +347,7 @@ def test_non_finite_loss_skips_then_stops(tmp_path, tiny_assets, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     real = train_sft.response_logprobs
     monkeypatch.setattr(train_sft, "response_logprobs", lambda m, b: real(m, b) * float("nan"))
-    with pytest.raises(MinirlError, match="3 steps in a row with a non-finite loss"):
+    with pytest.raises(TrainingDiverged, match="3 steps in a row with a non-finite loss"):
         train_sft.main(base_args(tiny_assets, data, tmp_path / "run", "--max-bad-steps", "3",
                                  "--batch-tokens", "64"))
     lines = metric_lines(tmp_path / "run")
@@ -432,3 +433,141 @@ def test_too_long_examples_are_skipped_with_a_count(tmp_path, tiny_assets, capsy
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     train_sft.main(base_args(tiny_assets, data, tmp_path / "run", "--max-steps", "1"))
     assert "skipped 1 example(s) longer than --max-len 64" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ flags checked before any work
+
+BAD_FLAGS = [
+    (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio must be in [0, 1]"),
+    (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1)"),
+    (["--grad-clip", "-0.5"], "--grad-clip must be >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--init-std", "0"], "--init-std must be > 0"),
+    (["--eval-samples", "0"], "--eval-samples must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--max-bad-steps", "0"], "--max-bad-steps must be >= 1"),
+    (["--keep-last", "-1"], "--keep-last must be >= 0"),
+    (["--task-levels", "1,9"], "--task-levels '1,9': levels must be among"),
+    (["--task-levels", "one"], "--task-levels 'one': expected comma-separated integers"),
+    (["--device", "gpu0"], "--device 'gpu0': not a device"),
+    (["--dtype", "fp8"], "--dtype fp8: unknown dtype"),
+    (["--model", "/no/such/model"], "--model /no/such/model: folder not found"),
+    (["--out", "/proc/x/run"], "--out /proc/x/run: cannot write there"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[f[0][0] + " " + f[0][1] for f in BAD_FLAGS])
+def test_every_flag_is_checked_before_anything_is_loaded(tmp_path, monkeypatch, flags, message):
+    """In-process for speed (the subprocess test below runs the same checks as a user):
+    the error names the flag, and neither the tokenizer nor the model was loaded, nor was
+    anything written."""
+    def loaded(*a, **k):
+        raise AssertionError("loaded something before checking the flags")
+    monkeypatch.setattr(train_sft, "load_tokenizer", loaded)
+    monkeypatch.setattr(train_sft, "load_model", loaded)
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--device", "cpu"] + flags
+    if flags[0] == "--model":
+        args = [a for a in args if a != "--device"][:2] + flags  # (--device cpu is fine as well)
+    with pytest.raises(MinirlError) as e:
+        train_sft.main(args)
+    assert str(e.value).startswith(message), str(e.value)
+    assert not os.path.exists(out)
+
+
+def test_bad_flags_as_a_user_sees_them(tmp_path):
+    """Subprocess: one line, exit status 2, nothing printed before it, no run folder."""
+    for flags, message in (BAD_FLAGS[0], BAD_FLAGS[-1], BAD_FLAGS[8]):
+        out = flags[1] if flags[0] == "--out" else str(tmp_path / "run")
+        r = run_script(["--out", out, *flags], tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert r.stdout == "" and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+        assert r.stderr.startswith("error: " + message), r.stderr
+        assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path, tiny_assets):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    args = base_args(tiny_assets, data, tmp_path / "run", "--max-steps", "1")
+    assert run_script(args, tmp_path).returncode == 0
+    before = open(tmp_path / "run" / "metrics.jsonl").read()
+    r = run_script(args, tmp_path)
+    assert r.returncode == 2 and "already holds a run; pass --resume" in r.stderr, r.stderr
+    assert open(tmp_path / "run" / "metrics.jsonl").read() == before
+
+
+# ------------------------------------------------------------------ did it help: before / after
+
+
+def greedy_accuracy(model, tok, problems, max_new):
+    """Greedy answers by repeated full forward passes (no KV cache), graded by the task."""
+    from minirl.tasks import verify
+    correct = 0
+    for p in problems:
+        ids = tok.encode(p.question)
+        start = len(ids)
+        with torch.no_grad():
+            for _ in range(max_new):
+                nxt = int(model(torch.tensor(ids)[None])[0, -1].argmax())
+                ids.append(nxt)
+                if nxt in tok.eos_token_ids:
+                    break
+        correct += verify(p, tok.decode(ids[start:]))
+    return correct / len(problems)
+
+
+def test_before_after_summary_on_the_task_and_across_resume(tmp_path):
+    """The default task data on the bundled model: summary.json's held-out loss before and
+    after equals the mean -log p of the held-out teacher solutions under the base and the
+    final model (computed here), its greedy accuracy equals greedy decoding done here, its
+    pass@1 equals the seeded sampling stream; a run stopped and resumed writes the same summary."""
+    from minirl.common import make_generator
+    from minirl.sampler import generate
+    from minirl.tasks import make_problems, teacher_solution, verify
+    from minirl.tokenizer import load_tokenizer
+    common = ["--train-problems", "120", "--task-levels", "1,4", "--val-fraction", "0.1",
+              "--eval-samples", "2", "--max-new-tokens", "40", "--max-steps", "4", "--batch-tokens", "1024",
+              "--tokens-per-micro-batch", "1024", "--max-len", "128", "--lr", "1e-3", "--warmup-steps", "1",
+              "--seed", "4", "--eval-every", "0", "--device", "cpu"]
+    r = run_script(["--out", str(tmp_path / "a"), *common], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "held-out, before -> after SFT" in r.stdout and "greedy before" in r.stdout
+    summary = json.load(open(tmp_path / "a" / "summary.json"))
+    before, after = summary["heldout_before"], summary["heldout_after"]
+    ids = set(summary["eval_problem_ids"])
+    problems = [p for p in make_problems("arithmetic", 120, 4, levels=[1, 4]) if p.id in ids]
+    assert len(problems) == len(ids) == before["examples"] == 12  # every held-out problem graded
+    tok = load_tokenizer(train_sft.DEFAULT_MODEL)
+    for ev, model in ((before, load_model(train_sft.DEFAULT_MODEL, device="cpu")),
+                      (after, load_model(tmp_path / "a" / "final", device="cpu"))):
+        nll, count = 0.0, 0
+        for p in problems:
+            prompt = tok.encode(p.question)
+            x = torch.tensor(prompt + tok.encode(teacher_solution(p), add_special_tokens=False)
+                             + tok.eos_token_ids[:1])[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(x)[0].double(), -1)[:-1].gather(1, x[0, 1:, None])[:, 0]
+            nll -= float(logp[len(prompt) - 1:].sum())
+            count += x.shape[1] - len(prompt)
+        assert ev["loss"] == pytest.approx(nll / count, rel=1e-5)
+        assert ev["accuracy"]["all"]["greedy"] == pytest.approx(greedy_accuracy(model, tok, problems, 40))
+        with torch.no_grad():
+            groups = generate(model, [tok.encode(p.question) for p in problems], n=2, max_new_tokens=40,
+                              stop_token_ids=tok.eos_token_ids, generator=make_generator(4, "sft-heldout-samples"))
+        pass1 = sum(verify(p, tok.decode(c.token_ids)) for p, gr in zip(problems, groups) for c in gr) / 24
+        assert ev["accuracy"]["all"]["pass@1"] == pytest.approx(pass1)
+    assert after["loss"] < before["loss"] and before["accuracy"]["all"]["greedy"] > 0  # not vacuous
+    lines = metric_lines(tmp_path / "a")
+    assert lines[0]["val_loss"] == before["loss"] and lines[-1]["val_loss"] == after["loss"]
+    assert lines[-1]["heldout_greedy"] == after["accuracy"]["all"]["greedy"]
+    # Stopped after 2 steps, resumed: the same summary (the "before" comes from the checkpoint).
+    assert run_script(["--out", str(tmp_path / "b"), *common, "--stop-after", "2"], tmp_path).returncode == 0
+    assert not os.path.exists(tmp_path / "b" / "summary.json")
+    r = run_script(["--out", str(tmp_path / "b"), *common, "--resume"], tmp_path)
+    assert r.returncode == 0 and "held-out before training" not in r.stdout, r.stderr
+    resumed = json.load(open(tmp_path / "b" / "summary.json"))
+    for key in ("heldout_before", "heldout_after", "eval_problem_ids", "steps"):
+        assert resumed[key] == summary[key], key
