@@ -22,6 +22,7 @@ dies makes the others fail instead of waiting forever; torchrun then stops the j
 """
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,13 @@ def init(device=None) -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def quiet_unless_main(dist: Dist):
+    """Ranks other than 0 print nothing (their stdout goes to /dev/null): the entry scripts'
+    progress lines appear once. Errors still reach stderr from every rank."""
+    if not dist.main:
+        sys.stdout = open(os.devnull, "w")
+
+
 def close(dist: Dist):
     if dist.on and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
@@ -100,6 +108,21 @@ def merge(shares):
     for i in range(sum(len(s) for s in shares)):
         out.append(shares[i % world][i // world])
     return out
+
+
+def shares(items, dist: Dist) -> list:
+    """Every rank's split() of `items`, in rank order (each rank can compute them all: the
+    rule is fixed, so nothing is sent)."""
+    return [items[r::dist.world] for r in range(dist.world)]
+
+
+def from_main(fn, dist: Dist):
+    """fn() computed by rank 0 alone (e.g. a decision that touches files), sent to every rank."""
+    if not dist.on:
+        return fn()
+    box = [fn() if dist.main else None]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather(obj, dist: Dist) -> list:
@@ -144,19 +167,51 @@ def full_state_dict(model, dist: Dist) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_sharded(path: str, model, optimizer, dist: Dist, extra: dict = None):
+class FullWeights:
+    """A full state dict with its config: what checkpoint.save_model needs from a model
+    (state_dict() and .config), so rank 0 writes an HF folder without building a second model."""
+
+    def __init__(self, state: dict, config):
+        self.state, self.config = state, config
+
+    def state_dict(self):
+        return self.state
+
+
+def replica(model, dist: Dist, dtype=None):
+    """A plain (unsharded) copy of a sharded model on every rank, in `dtype`, for work that
+    would otherwise all-gather the weights at every call (sampling: one forward per token).
+    Costs one full copy of the weights per rank while it lives. Without torchrun: the model."""
+    if not dist.on:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from minirl.model import Transformer, rope_inverse_frequencies
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    state = {k: v.to(dtype) if dtype is not None else v for k, v in state.items()}
+    with torch.device("meta"):
+        copy = Transformer(model.config)
+    copy.load_state_dict(state, assign=True, strict=True)
+    copy.inv_freq = rope_inverse_frequencies(model.config).to(dist.device)
+    return copy.eval()
+
+
+def save_sharded(path: str, model, optimizer, dist: Dist, extra: dict = None, write_more=None):
     """Every rank writes its shards of the weights and of AdamW's state with
-    torch.distributed.checkpoint (DCP) into `path`, atomically: into a temporary folder that
-    rank 0 renames once all ranks are done, so a partial checkpoint is never picked up.
-    `extra` (JSON-able, e.g. the step and data position) is written by rank 0 as extra.json.
-    `optimizer` is a torch optimizer (MasterAdamW's .opt)."""
+    torch.distributed.checkpoint (DCP) into `path`, atomically: into a temporary folder
+    (.tmp-<name> beside it) that rank 0 renames once all ranks are done, so a partial
+    checkpoint is never picked up. `extra` (JSON-able, e.g. the step and data position) is
+    written by rank 0 as extra.json; `write_more(tmp_folder)`, if given, runs on rank 0 before
+    the rename (e.g. the config, a manifest). `optimizer` is a torch optimizer (MasterAdamW's .opt)."""
     import json
     import shutil
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from minirl.common import settle_tree
     path = os.path.abspath(path)
-    tmp = path + ".tmp-dcp"
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -167,6 +222,9 @@ def save_sharded(path: str, model, optimizer, dist: Dist, extra: dict = None):
     if dist.main:
         with open(os.path.join(tmp, "extra.json"), "w", encoding="utf-8") as f:
             json.dump(extra or {}, f)
+        if write_more is not None:
+            write_more(tmp)
+        settle_tree(tmp)  # the umask's modes, as every other output
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -1,18 +1,24 @@
 """minirl.distributed on CPU with gloo: 2 processes under torchrun against 1 process.
 
-One worker script does every check (a torchrun start costs seconds); the test compares what
-the 2-rank and the 1-rank runs wrote: gradients of the GRPO loss split over ranks with global
-denominators, per-rank parameter bytes, the gathered full state dict, and a DCP checkpoint
-written by 2 ranks and read back by 1 (resharded)."""
+One worker script does the library checks (a torchrun start costs seconds); the test compares
+what the 2-rank and the 1-rank runs wrote: gradients of the GRPO loss split over ranks with
+global denominators, per-rank parameter bytes, the gathered full state dict, and a DCP
+checkpoint written by 2 ranks and read back by 1 (resharded). Then the entry scripts, run as
+a user runs them (torchrun --standalone --nproc_per_node 2, gloo) against one process."""
+import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+import minirl
 from conftest import make_tiny_model, rel_err
 from minirl import distributed
+from minirl.training import verify_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,3 +108,159 @@ def test_split_and_merge_are_inverse():
         shares = [distributed.split(items, distributed.Dist(rank=r, world=world)) for r in range(world)]
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
         assert distributed.merge(shares) == items
+
+
+# ---------------------------------------------------------------- train_sft.py under torchrun
+
+# "--" ends torchrun's own flags: without it torchrun refuses a script flag that abbreviates
+# several of its own (evaluate.py's --n: "ambiguous option").
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--"]
+SFT = os.path.join(ROOT, "train_sft.py")
+
+
+def run_script(cmd, cwd, expect=0, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def metric_lines(run_dir):
+    """metrics.jsonl without the wall-clock fields."""
+    out = []
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        rec = json.loads(line)
+        for k in ("tokens_per_s", "time_s"):
+            rec.pop(k, None)
+        out.append(rec)
+    return out
+
+
+def assert_close_metrics(a, b, tol=1e-5):
+    assert [set(r) for r in a] == [set(r) for r in b]
+    for ra, rb in zip(a, b):
+        for k, v in ra.items():
+            if isinstance(v, float):
+                assert abs(v - rb[k]) <= tol * max(abs(rb[k]), 1e-12), (ra["step"], k, v, rb[k])
+            else:
+                assert v == rb[k], (ra["step"], k, v, rb[k])
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+    """One SFT setting run five ways: 1 process; 2 ranks; 2 ranks stopped after step 1 and
+    resumed with 2 ranks; the same step-1 checkpoint resumed with 1 process. 45 examples,
+    steps of 3 packed rows (ranks take 2 and 1: uneven shares), val loss every 2 steps.
+    lr 5e-4: Adam divides each gradient element by its own running magnitude, so the ~1e-7
+    rounding of another summation order is amplified where a gradient is near zero; the
+    final weights differed by 2.5e-5 of the largest weight at lr 3e-3 (measured), and the
+    difference scales with the lr."""
+    d = tmp_path_factory.mktemp("sft")
+    with open(d / "d.jsonl", "w") as f:
+        for a in range(9):
+            for b in range(5):
+                f.write(json.dumps({"prompt": f"{a}+{b}=", "response": f"{a + b}"}) + "\n")
+    common = ["--data", str(d / "d.jsonl"), "--max-len", "64", "--tokens-per-micro-batch", "128",
+              "--batch-tokens", "192", "--max-steps", "3", "--val-fraction", "0.1", "--eval-every", "2",
+              "--device", "cpu", "--lr", "5e-4", "--warmup-steps", "1", "--save-every", "0"]
+    out = {"dir": d}
+    out["one"] = run_script([sys.executable, SFT, *common, "--out", str(d / "one")], d)
+    out["two"] = run_script([*TORCHRUN, SFT, *common, "--out", str(d / "two")], d)
+    run_script([*TORCHRUN, SFT, *common, "--out", str(d / "stop"), "--stop-after", "1"], d)
+    shutil.copytree(d / "stop", d / "stop_one")
+    out["resumed"] = run_script([*TORCHRUN, SFT, *common, "--out", str(d / "stop"), "--resume"], d)
+    out["resharded"] = run_script([sys.executable, SFT, *common, "--out", str(d / "stop_one"), "--resume"], d)
+    return out
+
+
+def test_sft_two_ranks_equal_one(sft_runs):
+    d = sft_runs["dir"]
+    one, two = metric_lines(d / "one"), metric_lines(d / "two")
+    assert len(one) == 4 and "val_loss" in one[2]  # step 0 (val loss) + 3 steps
+    assert_close_metrics(two, one)
+    w1 = minirl.load_model(d / "one" / "final", device="cpu").state_dict()
+    w2 = minirl.load_model(d / "two" / "final", device="cpu").state_dict()
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert rel_err(w2[k], w1[k]) < 1e-5, k
+    # Rank 0 alone printed: each step line appears once.
+    assert sft_runs["two"].stdout.count("step 3/3") == 1
+    assert json.load(open(d / "two" / "args.json"))["max_steps"] == 3
+
+
+def test_sft_two_rank_final_loads_in_transformers(sft_runs):
+    transformers = pytest.importorskip("transformers")
+    d = sft_runs["dir"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d / "two" / "final", dtype=torch.float32)
+    mine = minirl.load_model(d / "one" / "final", device="cpu")
+    ids = torch.randint(3, 40, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(hf(ids).logits, mine(ids)) < 1e-5
+
+
+def test_sft_resume_with_two_ranks_is_exact(sft_runs):
+    d = sft_runs["dir"]
+    assert "resumed from" in sft_runs["resumed"].stdout and "resharded" not in sft_runs["resumed"].stdout
+    assert metric_lines(d / "stop") == metric_lines(d / "two")
+    w1 = minirl.load_model(d / "two" / "final", device="cpu").state_dict()
+    w2 = minirl.load_model(d / "stop" / "final", device="cpu").state_dict()
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+
+
+def test_sft_two_rank_checkpoint_resumes_in_one_process(sft_runs):
+    d = sft_runs["dir"]
+    assert "resharded from 2 to 1 rank(s)" in sft_runs["resharded"].stdout
+    assert_close_metrics(metric_lines(d / "stop_one"), metric_lines(d / "one"))
+    # A sharded checkpoint is verified like any other (the manifest of its files): a
+    # truncated shard is caught, so --resume would fall back to an earlier checkpoint.
+    ckpt = d / "two" / "checkpoints" / "step_000003"
+    assert sorted(os.listdir(d / "two" / "checkpoints")) == ["step_000003"]
+    assert verify_checkpoint(str(ckpt)) is None
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert "truncated" in verify_checkpoint(str(ckpt))
+
+
+def test_sft_bad_flag_under_torchrun_one_line_and_every_rank_gone(tmp_path):
+    t0 = time.time()
+    proc = run_script([*TORCHRUN, SFT, "--lr", "-1", "--out", str(tmp_path / "run")], tmp_path, expect=1,
+                      timeout=60)
+    assert time.time() - t0 < 30
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
+    assert errors == ["error: --lr must be > 0, got -1.0"]
+    # torchrun exits 1 and names the ranks' own exit status (2) in its summary
+    assert "exitcode  : 2" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- evaluate.py sample under torchrun
+
+EVALUATE = os.path.join(ROOT, "evaluate.py")
+
+
+def sample_flags(out):
+    """7 problems in chunks of 2: 4 chunks, the last one short; with 2 ranks the second round
+    has one chunk (rank 1 idle)."""
+    return ["sample", "--model", os.path.join(ROOT, "assets", "tiny-arith"), "--num-problems", "7",
+            "--n", "3", "--max-new-tokens", "24", "--chunk-problems", "2", "--seed", "3", "--device", "cpu",
+            "--out", str(out)]
+
+
+def test_sample_two_ranks_byte_identical_and_resumes(tmp_path):
+    run_script([sys.executable, EVALUATE, *sample_flags(tmp_path / "one.jsonl")], tmp_path)
+    proc = run_script([*TORCHRUN, EVALUATE, *sample_flags(tmp_path / "two.jsonl")], tmp_path)
+    one = (tmp_path / "one.jsonl").read_bytes()
+    assert len(one.splitlines()) == 21
+    assert (tmp_path / "two.jsonl").read_bytes() == one
+    assert proc.stdout.count("sampled 7/7 problems") == 1  # rank 0 alone prints
+    s1 = json.load(open(tmp_path / "one.settings.json"))
+    s2 = json.load(open(tmp_path / "two.settings.json"))
+    assert {k: v for k, v in s1.items() if k != "label"} == {k: v for k, v in s2.items() if k != "label"}
+    # Interrupted after one whole chunk and part of the next, restarted with 2 ranks.
+    lines = one.splitlines(keepends=True)
+    (tmp_path / "cut.jsonl").write_bytes(b"".join(lines[:6 + 4]))
+    shutil.copy(tmp_path / "one.settings.json", tmp_path / "cut.settings.json")
+    proc = run_script([*TORCHRUN, EVALUATE, *sample_flags(tmp_path / "cut.jsonl")], tmp_path)
+    assert "2/7 problems already sampled" in proc.stdout
+    assert (tmp_path / "cut.jsonl").read_bytes() == one
