@@ -1,11 +1,16 @@
-from setuptools import find_packages, setup
+from setuptools import setup
 
 setup(
     name="minirl",
     version="0.1.0",
     description="Compact pure-PyTorch RL (GRPO family) and distillation for reasoning LLMs, "
     "with pass@k / accuracy-vs-capability analysis",
-    packages=find_packages(include=["minirl", "minirl.*", "kernels", "kernels.*"]),
+    # The Triton kernels stay in the top-level folder kernels/ (read beside minirl/), but are
+    # installed as minirl.kernels: a top-level `kernels` would clash with Hugging Face's
+    # `kernels` package (used by transformers). From a checkout, minirl/kernels/__init__.py
+    # points minirl.kernels at the same folder; it is not installed.
+    packages=["minirl", "minirl.kernels"],
+    package_dir={"minirl.kernels": "kernels"},
     python_requires=">=3.10",
     # Permissive on purpose: users bring their own (CUDA) torch. CI pins the CPU wheel.
     install_requires=[
@@ -18,7 +23,8 @@ setup(
     extras_require={
         # Everything the test suite needs, optional features included.
         "test": ["pytest", "pytest-timeout", "transformers>=4.45", "accelerate", "gguf",
-                 "jinja2", "sympy", "math-verify", "pyarrow", "matplotlib"],
+                 "jinja2", "sympy", "math-verify", "pyarrow", "matplotlib",
+                 "setuptools>=70.1"],  # tests/test_install.py builds the wheel without isolation
         "plot": ["matplotlib"],
         "hub": ["huggingface_hub"],
         "math": ["math-verify", "sympy"],

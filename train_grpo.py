@@ -21,24 +21,57 @@ Exactly what one step does (minirl/grpo.py has the formulas):
     log-probs are the rollout policy's, computed before the first update.
  6. Grad-norm clipping, AdamW with fp32 master weights, LR warmup + schedule; a step with
     non-finite loss or gradients is skipped (the run stops after --max-bad-steps in a row).
-Presets: "drgrpo" (the default with --model: Dr. GRPO / Oat-Zero, the seed paper's RL model:
-lr 1e-6, beta 0, temperature 1.0, 8 samples, no std, constant normaliser), "kim-trl" (the seed
-paper's own TRL run, RESEARCH.md), and "demo" (the default without --model: the bundled tiny
-model, settings that show learning on a CPU in minutes). Explicit flags override presets.
+Presets: "drgrpo" (the default with --model: Dr. GRPO / Oat-Zero's recipe, the RL model that
+Kim et al., arXiv 2505.14216, analyse: lr 1e-6, beta 0, temperature 1.0, 8 samples, no std,
+constant normaliser), "kim-trl" (the TRL settings of Kim et al.'s own GRPO run), and "demo" (the
+default without --model: the bundled tiny model, settings that show learning on a CPU in
+minutes). Explicit flags override presets.
+
+Reading order: main() is setup plus the loop; one step is collect_rollouts ->
+compute_advantages -> update_policy -> log_step, each defined below in that order. The loss
+itself is minirl/grpo.py (policy_loss, token_loss, aggregate); the optimizer minirl/training.py.
+
+Sampler/trainer mismatch (logged every step as mismatch_*): the sampler returns the
+log-prob of each sampled token under the distribution it drew from (logits / temperature,
+then top-k/top-p truncation, renormalised: see minirl/sampler.py); the trainer's log-prob of the
+same token is log_softmax(logits / temperature) over the whole vocabulary, from a full
+training forward, before the update (the "old" log-probs). With top-k/top-p the sampler's
+value includes the renormalisation log(1 / kept mass) >= 0 on purpose: that is part of the
+difference between the distribution sampled from and the one trained, which --rollout-correction
+(tis / mis, minirl/grpo.py) corrects. Turn a correction on when mismatch_k3 is not negligible
+(bf16 or a different sampler, or top-k/top-p sampling).
+
+Zero-advantage samples: with beta = 0 (and no rollout correction, which does not change a
+zero), a sample whose advantage is 0 (every sample of an all-right or all-wrong group) has a
+zero gradient; the update skips its forward and backward, keeping every denominator
+(--zero-advantage train computes it anyway; the update is the same).
 """
 import argparse
 import functools
 import json
 import math
 import os
-import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
-from minirl.common import BUNDLED_MODEL  # assets/tiny-arith
+import torch
 
-# grpo.policy_loss statistics that are counts or sums (the others are per-token means).
-COUNT_STATS = ("n_tokens", "entropy_sum", "n_completion_tokens")
+import minirl
+from minirl import grpo, tasks
+from minirl.common import (BUNDLED_MODEL, MinirlError, atomic_write_json, default_device, default_dtype,
+                          make_generator, parse_dtype)
+from minirl.data import format_prompt, load_problems, prompt_add_special_tokens
+from minirl.training import (BadSteps, MasterAdamW, Progress, RunDir, check_out_dir, check_resume_args,
+                             grad_norm_and_finite, load_checkpoint, lr_at, use_gradient_checkpointing)
+
+# grpo.policy_loss statistics: sums and counts are added over micro-batches, *_max / *_min
+# kept as the extreme, and the others (per-token means) weighted by their token counts.
+SUM_STATS = ("n_tokens", "entropy_sum", "n_completion_tokens", "mismatch_k3_sum", "mismatch_abs_sum",
+             "mismatch_big_sum", "mismatch_tokens", "correction_weight_sum", "correction_capped_sum")
+# Settings a resumed run may change: where it logs, how long it runs, the device.
+MAY_CHANGE_ON_RESUME = {"resume", "stop_after", "steps", "out", "wandb_project", "tensorboard", "device",
+                        "dump_rollouts"}
 
 PRESETS = {
     "drgrpo": dict(lr=1e-6, warmup_steps=0, beta=0.0, temperature=1.0, top_p=1.0, top_k=0,
@@ -112,7 +145,14 @@ def build_parser():
     a("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
     a("--micro-batch-tokens", type=int, default=None, help="padded tokens per micro-batch (default 16384 GPU / 4096 CPU)")
     a("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"], help="auto = on for CUDA")
-    a("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+    a("--max-bad-steps", type=int, default=3, help="stop after this many non-finite updates in a row")
+    a("--zero-advantage", default="skip", choices=["skip", "train"],
+      help="with --beta 0: skip samples whose advantage is 0 in the update (same update, less work), "
+           "or run them anyway (their tokens then count in the logged clip/ratio/entropy statistics)")
+    a("--rollout-correction", default="none", choices=list(grpo.ROLLOUT_CORRECTIONS),
+      help="weight the policy-gradient term by the trainer/sampler ratio of each token: tis = "
+           "min(ratio, cap), mis = ratio where <= cap else 0 (see the module docstring)")
+    a("--rollout-correction-cap", type=float, default=2.0, help="the cap C of --rollout-correction")
     # machine
     a("--device", default=None, help="default: cuda if available else cpu")
     a("--dtype", default=None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
@@ -129,6 +169,9 @@ def build_parser():
     a("--stop-after", type=int, default=None, help="stop this invocation after k steps (resume later)")
     a("--wandb-project", default=None)
     a("--tensorboard", action="store_true")
+    a("--dump-rollouts", default=None, metavar="FILE",
+      help="append each step's rollouts (tokens, rewards, advantages) and its updates (mini-batch "
+           "membership, loss) to FILE as one JSON line per step, to inspect or recompute a step")
     return p
 
 
@@ -143,332 +186,451 @@ def parse_args(argv=None):
     return args
 
 
-def main():
-    args = parse_args()
-    import torch
-
-    import minirl
-    from minirl import grpo, tasks
-    from minirl.common import MinirlError, default_device, default_dtype, parse_dtype
-    from minirl.data import format_prompt, load_problems
-    from minirl.grader import grade
-    from minirl.training import (MasterAdamW, Progress, RunDir, grad_norm_and_finite, load_checkpoint,
-                                 lr_at, step_generator, use_gradient_checkpointing)
-
-    # ---------------------------------------------------------------- checks before any work
-    for flag, v in (("--steps", args.steps), ("--prompts-per-step", args.prompts_per_step),
-                    ("--num-samples", args.num_samples), ("--max-new-tokens", args.max_new_tokens),
-                    ("--epochs-per-rollout", args.epochs_per_rollout), ("--mini-batches", args.mini_batches)):
-        if v < 1:
-            raise MinirlError(f"{flag} must be >= 1 (got {v})")
+def check_args(args):
+    """Every flag, before anything is loaded or written: one line naming the flag."""
+    for flag in ("steps", "prompts_per_step", "num_samples", "max_new_tokens", "epochs_per_rollout",
+                 "mini_batches", "max_sampling_rounds", "eval_problems", "eval_samples", "train_problems",
+                 "max_bad_steps"):
+        if getattr(args, flag) < 1 and not (flag == "eval_problems" and getattr(args, flag) == 0):
+            raise MinirlError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    for flag in ("eval_every", "save_every", "keep_last", "warmup_steps", "top_k"):
+        if getattr(args, flag) < 0:
+            raise MinirlError(f"--{flag.replace('_', '-')} must be >= 0 (got {getattr(args, flag)})")
+    for flag in ("micro_batch_tokens", "max_prompt_len", "stop_after"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise MinirlError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise MinirlError(f"--temperature must be > 0 (got {args.temperature}): training needs a "
+                          "sampling distribution (temperature 0 is greedy decoding)")
+    if not 0 < args.top_p <= 1:
+        raise MinirlError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise MinirlError(f"--lr must be > 0 (got {args.lr})")
+    for flag in ("weight_decay", "grad_clip", "beta", "eps_low", "eps_high"):
+        if not getattr(args, flag) >= 0:
+            raise MinirlError(f"--{flag.replace('_', '-')} must be >= 0 (got {getattr(args, flag)})")
+    if args.eps_low >= 1:
+        raise MinirlError(f"--eps-low must be < 1 (got {args.eps_low}): the ratio is positive")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise MinirlError(f"--{flag.replace('_', '-')} must be in [0, 1) (got {getattr(args, flag)})")
+    if not args.rollout_correction_cap > 0:
+        raise MinirlError(f"--rollout-correction-cap must be > 0 (got {args.rollout_correction_cap})")
     if args.num_samples < 2 and args.advantage_std == "group":
         raise MinirlError("--num-samples 1 gives every group a zero advantage; use >= 2")
-    if args.prompts_per_step % args.mini_batches:
-        raise MinirlError(f"--prompts-per-step {args.prompts_per_step} is not divisible by "
-                          f"--mini-batches {args.mini_batches}")
     if args.beta == 0 and args.ref_device:
         raise MinirlError("--ref-device is set but --beta is 0 (no reference model is loaded)")
     if args.resume and not args.out:
         raise MinirlError("--resume needs --out (the run folder to continue)")
     if not os.path.exists(args.model) and args.model.count("/") != 1:
         raise MinirlError(f"--model {args.model}: folder not found")
+
+
+# ==================================================================== setup
+
+@dataclass
+class Setup:
+    """What the loop needs, built once by main()."""
+    args: argparse.Namespace
+    device: torch.device
+    run: RunDir
+    tokenizer: object
+    train_problems: list
+    prompt_ids: list  # tokenised prompts of train_problems
+    eval_problems: list
+    eval_ids: list
+    model: object = None
+    ref_model: object = None
+    optimizer: object = None
+    bad_steps: BadSteps = None
+    grader_timeouts: int = 0
+    micro_tokens: int = 4096
+    reward_fn: object = None
+
+
+def load_data(args, tokenizer):
+    """(train problems, their prompt ids, held-out problems, their prompt ids)."""
+    levels = [int(x) for x in args.task_levels.split(",")] if args.task_levels else None
+    if args.data:
+        train = load_problems(args.data, question_field=args.question_field, answer_field=args.answer_field)
+        held_out = load_problems(args.eval_data) if args.eval_data else []  # no eval without a held-out file
+    else:
+        train = tasks.make_problems(args.task, args.train_problems, seed=args.seed, levels=levels)
+        # Held-out: drawn with another seed. Not de-duplicated against the training draws:
+        # the easiest levels have few distinct questions (level 1: 200), so a few repeat.
+        held_out = (load_problems(args.eval_data) if args.eval_data else
+                    tasks.make_problems(args.task, args.eval_problems, seed=args.seed + 7_777_777, levels=levels)
+                    if args.eval_problems else [])
+    add_special = prompt_add_special_tokens(args.template, tokenizer)  # a chat template writes its own BOS
+
+    def encode(problem):
+        return tokenizer.encode(format_prompt(problem.question, args.template, tokenizer), add_special_tokens=add_special)
+
+    prompt_ids = [encode(p) for p in train]  # tokenised once for the whole run
+    if args.max_prompt_len:
+        keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= args.max_prompt_len]
+        train, prompt_ids = [train[i] for i in keep], [prompt_ids[i] for i in keep]
+    if not train:
+        raise MinirlError("no training problems (empty data, or every prompt is longer than --max-prompt-len)")
+    if len(train) < args.prompts_per_step:
+        raise MinirlError(f"--prompts-per-step {args.prompts_per_step} is larger than the "
+                          f"{len(train)} training problems")
+    return train, prompt_ids, held_out, [encode(p) for p in held_out]
+
+
+def load_policy(S, dtype):
+    """Model (from the latest checkpoint with --resume), reference model, optimizer; returns
+    (start step, data position, checkpoint extras)."""
+    args, state, start_step, data_pos, extra = S.args, None, 0, 0, {}
+    ckpt, notes = S.run.resume_checkpoint() if args.resume else (None, [])
+    if ckpt:
+        S.model, state = load_checkpoint(ckpt, S.device, dtype)
+        start_step, extra = state["step"], state["extra"]
+        data_pos = extra["data_pos"]
+    if args.resume:  # metric lines after the checkpoint (or all, with none) are written again
+        notes += S.run.truncate_metrics(start_step if ckpt else -1)
+    for note in notes:  # damaged checkpoints skipped, a torn metrics line, leftovers removed
+        print(note, flush=True)
+    if not ckpt:
+        S.model = minirl.load_model(args.model, device=S.device, dtype=dtype)
+    if args.beta > 0:
+        S.ref_model = minirl.load_model(args.model, device=args.ref_device or S.device, dtype=dtype)
+        S.ref_model.requires_grad_(False)
+    S.model.gradient_checkpointing = use_gradient_checkpointing(args.gradient_checkpointing, S.device)
+    S.optimizer = MasterAdamW(S.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.weight_decay)
+    if state is not None:
+        S.optimizer.load_state_dict(state["optimizer"])
+    return start_step, data_pos, extra
+
+
+def main():
+    args = parse_args()
+    check_args(args)
+    try:
+        dtype = parse_dtype(args.dtype)
+    except MinirlError as e:
+        raise MinirlError(f"--dtype: {e}") from None
     device = torch.device(args.device) if args.device else default_device()
-    dtype = parse_dtype(args.dtype) or default_dtype(device)
+    dtype = dtype or default_dtype(device)
     out = args.out or os.path.join("runs", "grpo-" + time.strftime("%Y%m%d-%H%M%S"))
-    run = RunDir(out)
+    check_out_dir(out, args.resume)
     args_path = os.path.join(out, "args.json")
     if args.resume and os.path.exists(args_path):
         with open(args_path) as f:
-            saved = json.load(f)
-        ignore = {"resume", "stop_after", "steps", "out", "wandb_project", "tensorboard", "device"}
-        changed = [k for k, v in vars(args).items() if k not in ignore and saved.get(k, v) != v]
-        if changed:
-            raise MinirlError(f"--resume: flags differ from {args_path}: " +
-                              ", ".join(f"--{k.replace('_', '-')}" for k in changed))
-
-    # ---------------------------------------------------------------- data and rewards
+            check_resume_args(json.load(f), vars(args), MAY_CHANGE_ON_RESUME, args_path)
     tokenizer = minirl.load_tokenizer(args.model)
-    levels = [int(x) for x in args.task_levels.split(",")] if args.task_levels else None
-    if args.data:
-        train_problems = load_problems(args.data, question_field=args.question_field,
-                                       answer_field=args.answer_field)
-        eval_problems = (load_problems(args.eval_data) if args.eval_data
-                         else train_problems[:0])  # no eval unless a held-out file is given
-    else:
-        train_problems = tasks.make_problems(args.task, args.train_problems, seed=args.seed, levels=levels)
-        # Held-out: drawn with another seed. Not de-duplicated against the training draws:
-        # the easiest levels have few distinct questions (level 1: 200), so a few repeat.
-        eval_problems = (load_problems(args.eval_data) if args.eval_data else
-                         tasks.make_problems(args.task, args.eval_problems, seed=args.seed + 7_777_777, levels=levels))
-    user_reward = tasks.load_reward_fn(args.reward) if args.reward else None
-    grader_timeouts = [0]
-
-    def is_correct(problem, text):
-        if not args.data:
-            return tasks.verify(problem, text) > 0
-        g = grade(text, problem.answer, backend=args.grader)
-        grader_timeouts[0] += int(g.timed_out)
-        return g.correct
-
-    def reward_of(problem, text, finish_reason):
-        correct = is_correct(problem, text)
-        if args.truncated == "penalty" and finish_reason == "length":
-            return args.truncation_penalty, correct
-        if user_reward is not None:
-            return float(user_reward(text, problem)), correct
-        return (args.correct_reward if correct else args.wrong_reward), correct
-
-    add_special = args.template != "chat"  # chat templates write their own BOS
-
-    def encode_prompt(problem):
-        return tokenizer.encode(format_prompt(problem.question, args.template, tokenizer),
-                                add_special_tokens=add_special)
-
-    prompt_ids = [encode_prompt(p) for p in train_problems]  # tokenised once for the whole run
-    eval_ids = [encode_prompt(p) for p in eval_problems]
-    if args.max_prompt_len:
-        keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= args.max_prompt_len]
-        train_problems = [train_problems[i] for i in keep]
-        prompt_ids = [prompt_ids[i] for i in keep]
-    if not train_problems:
-        raise MinirlError("no training problems (empty data, or every prompt is longer than --max-prompt-len)")
-    if len(train_problems) < args.prompts_per_step:
-        raise MinirlError(f"--prompts-per-step {args.prompts_per_step} is larger than the "
-                          f"{len(train_problems)} training problems")
-
-    # ---------------------------------------------------------------- model, optimizer, resume
-    start_step, data_pos, extra = 0, 0, {}
-    if args.resume and run.latest_checkpoint():
-        ckpt = run.latest_checkpoint()
-        model, state = load_checkpoint(ckpt, device, dtype)
-        start_step, extra = state["step"], state["extra"]
-        data_pos = extra["data_pos"]
-        run.truncate_metrics(start_step)
-    else:
-        model = minirl.load_model(args.model, device=device, dtype=dtype)
-        state = None
-    run.save_args(vars(args))
-    run.enable_loggers(args.wandb_project, args.tensorboard, run_name=os.path.basename(out), config=vars(args))
-    ref_model = None
-    if args.beta > 0:
-        ref_model = minirl.load_model(args.model, device=args.ref_device or device, dtype=dtype)
-        ref_model.requires_grad_(False)
-    model.gradient_checkpointing = use_gradient_checkpointing(args.gradient_checkpointing, device)
-    optimizer = MasterAdamW(model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                            weight_decay=args.weight_decay)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    micro_tokens = args.micro_batch_tokens or (16384 if device.type == "cuda" else 4096)
-    pad_id = tokenizer.pad_token_id
-    stop_ids = tokenizer.eos_token_ids
-    eval_seed = args.seed + 12345
-
-    @functools.lru_cache(maxsize=2)
-    def epoch_order(epoch):
-        """The shuffled problem order of one epoch (computed once, not once per problem)."""
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        return torch.randperm(len(train_problems), generator=g).tolist()
-
-    def take_problems(pos, count):
-        """Problem indices pos .. pos+count of the endless per-epoch-shuffled stream."""
-        idx = []
-        for k in range(pos, pos + count):
-            epoch, i = divmod(k, len(train_problems))
-            idx.append(epoch_order(epoch)[i])
-        return idx
-
-    def rollout(indices, generator):
-        t0 = time.time()
-        model.eval()
-        with torch.no_grad():
-            groups = minirl.generate(model, [prompt_ids[i] for i in indices], n=args.num_samples,
-                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, top_k=args.top_k, stop_token_ids=stop_ids,
-                                     generator=generator)
-        return groups, time.time() - t0
-
-    def evaluate_heldout():
-        """pass@1 (mean over --eval-samples samples at the training temperature) and greedy
-        accuracy, overall and per difficulty level."""
-        if not eval_problems:
-            return None
-        model.eval()
-        with torch.no_grad():
-            sampled = minirl.generate(model, eval_ids, n=args.eval_samples, max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                      stop_token_ids=stop_ids, seed=eval_seed)
-            greedy = minirl.generate(model, eval_ids, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                     stop_token_ids=stop_ids)
-        per_level = defaultdict(lambda: [0, 0.0, 0.0])  # level -> [problems, pass@1 sum, greedy sum]
-        for p, group, g in zip(eval_problems, sampled, greedy):
-            acc = sum(is_correct(p, tokenizer.decode(c.token_ids)) for c in group) / len(group)
-            gr = float(is_correct(p, tokenizer.decode(g[0].token_ids)))
-            for key in ["all"] + ([p.difficulty] if p.difficulty is not None else []):
-                per_level[key][0] += 1
-                per_level[key][1] += acc
-                per_level[key][2] += gr
-        return {str(k): {"problems": v[0], "pass@1": v[1] / v[0], "greedy": v[2] / v[0]}
-                for k, v in per_level.items()}
-
-    # ---------------------------------------------------------------- the loop
+    train, prompt_ids, held_out, eval_ids = load_data(args, tokenizer)
+    S = Setup(args, device, RunDir(out), tokenizer, train, prompt_ids, held_out, eval_ids,
+              bad_steps=BadSteps(args.max_bad_steps),
+              micro_tokens=args.micro_batch_tokens or (16384 if device.type == "cuda" else 4096),
+              reward_fn=tasks.load_reward_fn(args.reward) if args.reward else None)
+    start_step, data_pos, extra = load_policy(S, dtype)
+    S.run.save_args(vars(args))
+    S.run.enable_loggers(args.wandb_project, args.tensorboard, run_name=os.path.basename(out), config=vars(args))
     print(f"run folder {out} | preset {args.preset} | model {args.model} | {device} {str(dtype).replace('torch.', '')} | "
-          f"{len(train_problems)} train / {len(eval_problems)} held-out problems | P={args.prompts_per_step} "
+          f"{len(train)} train / {len(held_out)} held-out problems | P={args.prompts_per_step} "
           f"n={args.num_samples} steps={args.steps}", flush=True)
     eval_before = extra.get("eval_before")
     if eval_before is None:
-        eval_before = evaluate_heldout()
+        eval_before = evaluate_heldout(S)
         if eval_before:
             print(f"held-out before training: pass@1 {eval_before['all']['pass@1']:.3f} "
                   f"greedy {eval_before['all']['greedy']:.3f}", flush=True)
-            run.log({"step": 0, **{f"eval/{k}": v for k, v in flatten(eval_before).items()}})
+            S.run.log({"step": 0, **{f"eval/{k}": v for k, v in flatten(eval_before).items()}})
+
+    # ---------------------------------------------------------------- the loop: one GRPO step each
     progress = Progress(args.steps, start_step)
-    bad_steps = 0
     last_step = min(args.steps, start_step + args.stop_after) if args.stop_after else args.steps
     for step in range(start_step + 1, last_step + 1):
         lr = lr_at(step - 1, args.lr, args.warmup_steps, args.steps, args.lr_schedule)
-        optimizer.set_lr(lr)
-        grader_timeouts[0] = 0
-
-        # 1-3. rollouts, rewards, dynamic sampling
-        kept, n_groups, n_zero_std, rounds, t_gen, gen_tokens = [], 0, 0, 0, 0.0, 0
-        rewards_all, correct_all, lengths, truncated = [], [], [], []
-        while len(kept) < args.prompts_per_step and (rounds == 0 or (args.dynamic_sampling and rounds < args.max_sampling_rounds)):
-            need = args.prompts_per_step - len(kept)
-            indices = take_problems(data_pos, need)
-            data_pos += need
-            groups, dt = rollout(indices, step_generator(args.seed, step * 64 + rounds, device))
-            t_gen += dt
-            rounds += 1
-            for i, group in zip(indices, groups):
-                texts = [tokenizer.decode(c.token_ids) for c in group]
-                scored = [reward_of(train_problems[i], t, c.finish_reason) for t, c in zip(texts, group)]
-                rewards = [r for r, _ in scored]
-                n_groups += 1
-                gen_tokens += sum(len(c.token_ids) for c in group)
-                rewards_all += rewards
-                correct_all += [c for _, c in scored]
-                lengths += [len(c.token_ids) for c in group]
-                truncated += [c.finish_reason == "length" for c in group]
-                zero_std = max(rewards) == min(rewards)
-                n_zero_std += zero_std
-                if not (args.dynamic_sampling and zero_std):
-                    kept.append((i, group, rewards))
-
-        # 4. advantages and the samples the update sees
-        samples = []
-        if kept:
-            rewards_t = torch.tensor([r for _, _, r in kept])  # [P, n]
-            adv = grpo.group_advantages(rewards_t, args.advantage_std)
-            for (i, group, _), a_row in zip(kept, adv.tolist()):
-                for c, a in zip(group, a_row):
-                    mask_it = args.truncated == "mask" and c.finish_reason == "length"
-                    samples.append(grpo.Sample(prompt_ids[i], list(c.token_ids), a, loss_mask=not mask_it))
-
-        # 5-6. policy update
-        t0 = time.time()
-        on_policy = args.epochs_per_rollout == 1 and args.mini_batches == 1
-        model.train()
-        if samples and (not on_policy or ref_model is not None):
-            with torch.no_grad():
-                for mb in grpo.micro_batches(samples, micro_tokens):
-                    if not on_policy:
-                        lp, m = grpo.completion_logprobs(model, mb, pad_id, args.temperature)
-                        for s, row, mm in zip(mb, lp, m):
-                            s.old_logprobs = row[mm].float()
-                    if ref_model is not None:
-                        lp, m = grpo.completion_logprobs(ref_model, mb, pad_id, args.temperature)
-                        for s, row, mm in zip(mb, lp, m):
-                            s.ref_logprobs = row[mm].float()
-        stats_sum, loss_sum, grad_norm, skipped, train_tokens = {}, 0.0, 0.0, 0, 0
-        n_updates = 0
-        for epoch in range(args.epochs_per_rollout):
-            g = torch.Generator().manual_seed(args.seed * 7 + step * 131 + epoch)
-            order = torch.randperm(len(samples), generator=g).tolist() if len(samples) else []
-            per_mb = len(order) // args.mini_batches if order else 0
-            for mbi in range(args.mini_batches if samples else 0):
-                chunk = [samples[j] for j in order[mbi * per_mb:(mbi + 1) * per_mb]]
-                active = [s for s in chunk if s.loss_mask]
-                num_seq, num_tok = len(active), sum(len(s.completion_ids) for s in active)
-                optimizer.zero_grad()
-                update_loss = 0.0  # this update's loss, kept on the device until the update
-                for mb in grpo.micro_batches(chunk, micro_tokens):
-                    loss, st = grpo.policy_loss(
-                        model, mb, pad_id=pad_id, temperature=args.temperature, eps_low=args.eps_low,
-                        eps_high=args.eps_high, beta=args.beta, kl_estimator=args.kl_estimator,
-                        aggregation=args.loss_aggregation, num_sequences=num_seq, num_tokens=num_tok,
-                        norm_length=args.max_new_tokens, on_policy=on_policy)
-                    loss.backward()
-                    update_loss = update_loss + loss.detach()
-                    # Statistics stay 0-dim device tensors (no host sync per micro-batch);
-                    # the per-token means are weighted by their token counts.
-                    for k, v in st.items():
-                        v = v.detach() if k in COUNT_STATS else v.detach() * st["n_tokens"]
-                        stats_sum[k] = stats_sum[k] + v if k in stats_sum else v
-                    train_tokens += sum(len(s.prompt_ids) + len(s.completion_ids) for s in mb)
-                update_loss = float(update_loss)  # one read per update (with the grad norm's)
-                loss_sum += update_loss
-                norm, finite = grad_norm_and_finite(model.parameters(), args.grad_clip)
-                if finite and math.isfinite(update_loss):
-                    optimizer.step()
-                    bad_steps = 0
-                else:
-                    skipped += 1
-                    bad_steps += 1
-                    optimizer.zero_grad()
-                    if bad_steps >= args.max_bad_steps:
-                        print(f"error: {bad_steps} non-finite steps in a row; stopping (last checkpoint kept)",
-                              file=sys.stderr)
-                        sys.exit(1)
-                grad_norm = norm
-                n_updates += 1
-        optimizer.zero_grad()
-        t_train = time.time() - t0
-
-        # logging
-        keys = list(stats_sum)
-        values = torch.stack([stats_sum[k].float() for k in keys]).tolist() if keys else []
-        stats = defaultdict(float, zip(keys, values))  # one transfer for all statistics
-        ntok = max(stats["n_tokens"], 1.0)
-        rec = {
-            "step": step, "reward_mean": mean(rewards_all), "correct_frac": mean(correct_all),
-            "zero_std_frac": n_zero_std / max(n_groups, 1), "groups_kept": len(kept), "groups_sampled": n_groups,
-            "sampling_rounds": rounds, "len_mean": mean(lengths), "len_max": max(lengths) if lengths else 0,
-            "truncated_frac": mean(truncated), "loss": loss_sum / max(n_updates, 1),
-            "clip_low": stats["clip_low_frac"] / ntok, "clip_high": stats["clip_high_frac"] / ntok,
-            "ratio_mean": stats["ratio_mean"] / ntok if stats["n_tokens"] else 1.0,
-            "kl": stats["kl_mean"] / ntok, "entropy": stats["entropy_sum"] / max(stats["n_completion_tokens"], 1.0),
-            "grad_norm": grad_norm, "lr": lr, "skipped_updates": skipped, "grader_timeouts": grader_timeouts[0],
-            "gen_tok_s": gen_tokens / max(t_gen, 1e-9), "train_tok_s": train_tokens / max(t_train, 1e-9),
-            "t_gen": t_gen, "t_train": t_train,
-        }
-        if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            ev = evaluate_heldout()
-            if ev:
-                rec.update({f"eval/{k}": v for k, v in flatten(ev).items()})
-        run.log(rec)
-        print(f"step {step:4d}/{args.steps} | reward {rec['reward_mean']:.3f} correct {rec['correct_frac']:.3f} "
-              f"zero-std {rec['zero_std_frac']:.2f} | len {rec['len_mean']:.0f}/{rec['len_max']} "
-              f"trunc {rec['truncated_frac']:.2f} | clip {rec['clip_low']:.3f}/{rec['clip_high']:.3f} "
-              f"kl {rec['kl']:.4f} ent {rec['entropy']:.3f} | gnorm {grad_norm:.3f} lr {lr:.2e} | "
-              f"gen {rec['gen_tok_s']:.0f} tok/s {t_gen:.1f}s train {rec['train_tok_s']:.0f} tok/s {t_train:.1f}s | "
-              f"{progress.eta(step)}"
-              + (f" | held-out pass@1 {rec['eval/all/pass@1']:.3f}" if "eval/all/pass@1" in rec else ""), flush=True)
+        S.optimizer.set_lr(lr)
+        rollouts, data_pos = collect_rollouts(S, step, data_pos)  # 1-3. sample, reward, dynamic sampling
+        samples = compute_advantages(S, rollouts)                 # 4. advantages per group
+        update = update_policy(S, step, samples)                  # 5-6. log-probs, mini-batches, optimizer
+        log_step(S, step, lr, rollouts, samples, update, progress)
         if (args.save_every and step % args.save_every == 0) or step == last_step:
-            run.save_checkpoint(step, model, tokenizer, optimizer, keep_last=args.keep_last,
-                                extra={"data_pos": data_pos, "eval_before": eval_before})
-
+            S.run.save_checkpoint(step, S.model, tokenizer, S.optimizer, keep_last=args.keep_last,
+                                  extra={"data_pos": data_pos, "eval_before": eval_before})
     if last_step < args.steps:
         print(f"stopped after step {last_step} (--stop-after); continue with --resume --out {out}")
         return
-    # ---------------------------------------------------------------- the end: before / after
-    final_dir = os.path.join(out, "final")
-    minirl.save_model(model, final_dir, tokenizer=tokenizer)
-    eval_after = evaluate_heldout()
-    summary = {"eval_before": eval_before, "eval_after": eval_after, "final_model": final_dir}
-    from minirl.common import atomic_write_json
-    atomic_write_json(os.path.join(out, "summary.json"), summary)
+    finish(S, eval_before)
+
+
+# ==================================================================== one step, in data order
+
+@dataclass
+class Rollouts:
+    """One step's sampled groups and what the log line reports about them."""
+    kept: list = field(default_factory=list)  # (problem index, completions, rewards) per kept group
+    rewards: list = field(default_factory=list)  # every sampled completion's, kept or not
+    correct: list = field(default_factory=list)
+    lengths: list = field(default_factory=list)
+    truncated: list = field(default_factory=list)
+    groups: int = 0
+    zero_std: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+
+
+def collect_rollouts(S, step, data_pos):
+    """1-3. Sample n completions for the next problems, reward them, and with
+    --dynamic-sampling drop all-equal groups and sample more problems (up to
+    --max-sampling-rounds rounds). Each round has its own random stream (step, round)."""
+    args, R = S.args, Rollouts()
+    S.grader_timeouts = 0
+    while len(R.kept) < args.prompts_per_step and (
+            R.rounds == 0 or (args.dynamic_sampling and R.rounds < args.max_sampling_rounds)):
+        need = args.prompts_per_step - len(R.kept)
+        indices = take_problems(args.seed, len(S.train_problems), data_pos, need)
+        data_pos += need
+        t0 = time.time()
+        S.model.eval()
+        with torch.no_grad():
+            groups = minirl.generate(
+                S.model, [S.prompt_ids[i] for i in indices], n=args.num_samples, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                stop_token_ids=S.tokenizer.eos_token_ids, return_logprobs=True,
+                generator=make_generator(args.seed, "rollout", step, R.rounds, device=S.device))
+        R.seconds += time.time() - t0
+        R.rounds += 1
+        for i, group in zip(indices, groups):
+            scored = [reward_of(S, S.train_problems[i], S.tokenizer.decode(c.token_ids), c.finish_reason)
+                      for c in group]
+            rewards = [r for r, _ in scored]
+            R.groups += 1
+            R.rewards += rewards
+            R.correct += [ok for _, ok in scored]
+            R.lengths += [len(c.token_ids) for c in group]
+            R.truncated += [c.finish_reason == "length" for c in group]
+            zero_std = max(rewards) == min(rewards)
+            R.zero_std += zero_std
+            if not (args.dynamic_sampling and zero_std):
+                R.kept.append((i, group, rewards))
+    return R, data_pos
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, n_problems, epoch):
+    """The shuffled problem order of one epoch (computed once, not once per problem)."""
+    return torch.randperm(n_problems, generator=make_generator(seed, "epoch-order", epoch)).tolist()
+
+
+def take_problems(seed, n_problems, pos, count):
+    """Problem indices pos .. pos+count of the endless per-epoch-shuffled stream."""
+    return [epoch_order(seed, n_problems, k // n_problems)[k % n_problems] for k in range(pos, pos + count)]
+
+
+def is_correct(S, problem, text):
+    if not S.args.data:
+        return tasks.verify(problem, text) > 0
+    from minirl.grader import grade  # loaded only for --data (the math grader is large)
+    g = grade(text, problem.answer, backend=S.args.grader)
+    S.grader_timeouts += int(g.timed_out)
+    return g.correct
+
+
+def reward_of(S, problem, text, finish_reason):
+    """(reward, correct) of one completion."""
+    args, correct = S.args, is_correct(S, problem, text)
+    if args.truncated == "penalty" and finish_reason == "length":
+        return args.truncation_penalty, correct
+    if S.reward_fn is not None:
+        return float(S.reward_fn(text, problem)), correct
+    return (args.correct_reward if correct else args.wrong_reward), correct
+
+
+def compute_advantages(S, rollouts):
+    """4. Group advantages (minirl.grpo.group_advantages) and the samples the update sees;
+    with --truncated mask, truncated completions stay in their group's statistics but get
+    no loss."""
+    if not rollouts.kept:
+        return []
+    rewards = torch.tensor([r for _, _, r in rollouts.kept])  # [P, n]
+    adv = grpo.group_advantages(rewards, S.args.advantage_std)  # [P, n]
+    samples = []
+    for (i, group, rs), a_row in zip(rollouts.kept, adv.tolist()):
+        for c, a, r in zip(group, a_row, rs):
+            masked = S.args.truncated == "mask" and c.finish_reason == "length"
+            samples.append(grpo.Sample(S.prompt_ids[i], list(c.token_ids), a, loss_mask=not masked,
+                                       sampler_logprobs=torch.as_tensor(c.logprobs, dtype=torch.float32),
+                                       reward=r, finish_reason=c.finish_reason))
+    return samples
+
+
+def split_mini_batches(n, k, generator):
+    """A shuffled split of range(n) into k mini-batches whose sizes differ by at most one:
+    every sample is used (with fewer than k samples, some mini-batches are empty)."""
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[j * n // k:(j + 1) * n // k] for j in range(k)]
+
+
+def update_policy(S, step, samples):
+    """5-6. Old (rollout-policy) and reference log-probs, then --epochs-per-rollout passes of
+    --mini-batches optimizer steps, each accumulated over micro-batches of at most
+    --micro-batch-tokens padded tokens. Returns the statistics for the log."""
+    args, model, t0 = S.args, S.model, time.time()
+    on_policy = args.epochs_per_rollout == 1 and args.mini_batches == 1
+    model.train()
+    with torch.no_grad():
+        for mb in grpo.micro_batches(samples, S.micro_tokens) if (not on_policy or S.ref_model) else []:
+            if not on_policy:  # the rollout policy's log-probs, before any update
+                lp, m = grpo.completion_logprobs(model, mb, S.tokenizer.pad_token_id, args.temperature)
+                for s, row, mm in zip(mb, lp, m):
+                    s.old_logprobs = row[mm].float()
+            if S.ref_model is not None:
+                lp, m = grpo.completion_logprobs(S.ref_model, mb, S.tokenizer.pad_token_id, args.temperature)
+                for s, row, mm in zip(mb, lp, m):
+                    s.ref_logprobs = row[mm].float()
+    U = {"stats": {}, "losses": [], "grad_norm": 0.0, "skipped": 0, "train_tokens": 0, "dump": []}
+    for epoch in range(args.epochs_per_rollout):
+        split = split_mini_batches(len(samples), args.mini_batches, make_generator(args.seed, "mini-batches", step, epoch))
+        for chunk_ids in split:
+            chunk = [samples[j] for j in chunk_ids]
+            if not any(s.loss_mask for s in chunk):  # empty or fully masked: nothing to learn, no step
+                U["dump"].append({"epoch": epoch, "samples": chunk_ids, "loss": None})
+                continue
+            loss, ratio_range = train_mini_batch(S, chunk, on_policy, U)
+            for p in model.parameters():  # every sample skipped (A = 0): AdamW still steps on a 0 gradient
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            norm, finite = grad_norm_and_finite(model.parameters(), args.grad_clip)
+            if S.bad_steps.record(finite and math.isfinite(loss)):
+                S.optimizer.step()
+            else:
+                U["skipped"] += 1
+            S.optimizer.zero_grad()
+            U["grad_norm"] = norm
+            U["losses"].append(loss)
+            U["dump"].append({"epoch": epoch, "samples": chunk_ids, "loss": loss,
+                              "ratio_min": ratio_range[0], "ratio_max": ratio_range[1]})
+    U["seconds"] = time.time() - t0
+    return U
+
+
+def train_mini_batch(S, chunk, on_policy, U):
+    """Forward and backward of one mini-batch over its micro-batches (the gradient
+    accumulates); the loss's denominators are the whole mini-batch's. With beta = 0,
+    samples whose advantage is 0 are left out (their gradient is exactly 0). Returns the
+    mini-batch's loss and, with --dump-rollouts, its (min, max) ratio."""
+    args = S.args
+    active = [s for s in chunk if s.loss_mask]
+    num_seq, num_tok = len(active), sum(len(s.completion_ids) for s in active)
+    if args.beta == 0 and args.zero_advantage == "skip":
+        chunk = [s for s in chunk if s.advantage != 0]
+    loss_sum, ratios = 0.0, []  # loss kept on the device: one host read per update
+    for mb in grpo.micro_batches(chunk, S.micro_tokens):
+        loss, st = grpo.policy_loss(
+            S.model, mb, pad_id=S.tokenizer.pad_token_id, temperature=args.temperature, eps_low=args.eps_low,
+            eps_high=args.eps_high, beta=args.beta, kl_estimator=args.kl_estimator,
+            aggregation=args.loss_aggregation, num_sequences=num_seq, num_tokens=num_tok,
+            norm_length=args.max_new_tokens, on_policy=on_policy,
+            rollout_correction=args.rollout_correction, correction_cap=args.rollout_correction_cap)
+        loss.backward()
+        loss_sum = loss_sum + loss.detach()
+        accumulate_stats(U["stats"], st)
+        U["train_tokens"] += sum(len(s.prompt_ids) + len(s.completion_ids) for s in mb)
+        if args.dump_rollouts and st["n_tokens"] > 0:
+            ratios += [float(st["ratio_min"]), float(st["ratio_max"])]
+    return float(loss_sum), (min(ratios, default=1.0), max(ratios, default=1.0))
+
+
+def accumulate_stats(total, st):
+    """Add one micro-batch's statistics (0-dim device tensors: no host sync) to `total`."""
+    for k, v in st.items():
+        v = v.detach().float()
+        if k in SUM_STATS:
+            total[k] = total[k] + v if k in total else v
+        elif k.endswith("_max") or k.endswith("_min"):
+            pick = torch.maximum if k.endswith("_max") else torch.minimum
+            total[k] = pick(total[k], v) if k in total else v
+        else:  # a per-token mean: weighted by its token count
+            total[k] = total[k] + v * st["n_tokens"] if k in total else v * st["n_tokens"]
+
+
+def log_step(S, step, lr, R, samples, U, progress):
+    """Everything to metrics.jsonl; a short line to the terminal."""
+    args, keys = S.args, list(U["stats"])
+    values = torch.stack([U["stats"][k] for k in keys]).tolist() if keys else []  # one transfer
+    st = defaultdict(float, zip(keys, values))
+    ntok, mtok = max(st["n_tokens"], 1.0), max(st["mismatch_tokens"], 1.0)
+    train_tokens = U["train_tokens"]
+    rec = {
+        "step": step, "reward_mean": mean(R.rewards), "correct_frac": mean(R.correct),
+        "zero_std_frac": R.zero_std / max(R.groups, 1), "groups_kept": len(R.kept), "groups_sampled": R.groups,
+        "sampling_rounds": R.rounds, "len_mean": mean(R.lengths), "len_max": max(R.lengths, default=0),
+        "truncated_frac": mean(R.truncated), "loss": mean(U["losses"]),
+        "clip_low": st["clip_low_frac"] / ntok, "clip_high": st["clip_high_frac"] / ntok,
+        "ratio_mean": st["ratio_mean"] / ntok if st["n_tokens"] else 1.0,
+        "kl": st["kl_mean"] / ntok, "entropy": st["entropy_sum"] / max(st["n_completion_tokens"], 1.0),
+        "mismatch_k3": st["mismatch_k3_sum"] / mtok, "mismatch_abs_mean": st["mismatch_abs_sum"] / mtok,
+        "mismatch_abs_max": st["mismatch_abs_max"], "mismatch_frac_gt_0.1": st["mismatch_big_sum"] / mtok,
+        "grad_norm": U["grad_norm"], "lr": lr, "skipped_updates": U["skipped"], "grader_timeouts": S.grader_timeouts,
+        "gen_tok_s": sum(R.lengths) / max(R.seconds, 1e-9), "train_tok_s": train_tokens / max(U["seconds"], 1e-9),
+        "t_gen": R.seconds, "t_train": U["seconds"],
+    }
+    if args.rollout_correction != "none":
+        rec["correction_weight_mean"] = st["correction_weight_sum"] / mtok
+        rec["correction_capped_frac"] = st["correction_capped_sum"] / mtok
+    if args.eval_every and step % args.eval_every == 0 and step != args.steps:
+        ev = evaluate_heldout(S)
+        if ev:
+            rec.update({f"eval/{k}": v for k, v in flatten(ev).items()})
+    S.run.log(rec)
+    if args.dump_rollouts:
+        dump_rollouts(args.dump_rollouts, step, samples, U)
+    tok_s = (sum(R.lengths) + train_tokens) / max(R.seconds + U["seconds"], 1e-9)
+    print(f"step {step:4d}/{args.steps} | reward {rec['reward_mean']:.3f} correct {rec['correct_frac']:.3f} "
+          f"len {rec['len_mean']:.0f} | kl {rec['kl']:.4f} gnorm {rec['grad_norm']:.3f} | {tok_s:.0f} tok/s | "
+          f"{progress.eta(step)}"
+          + (f" | held-out pass@1 {rec['eval/all/pass@1']:.3f}" if "eval/all/pass@1" in rec else ""), flush=True)
+
+
+def dump_rollouts(path, step, samples, U):
+    """--dump-rollouts: one JSON line per step with every trained sample and every update."""
+    rows = [{"prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "reward": s.reward,
+             "advantage": s.advantage, "finish_reason": s.finish_reason,
+             "sampler_logprobs": s.sampler_logprobs.tolist()} for s in samples]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "samples": rows, "updates": U["dump"]}) + "\n")
+
+
+# ==================================================================== evaluation and the end
+
+def evaluate_heldout(S):
+    """pass@1 (mean over --eval-samples samples at the training temperature) and greedy
+    accuracy, overall and per difficulty level; the same random stream every time."""
+    if not S.eval_problems:
+        return None
+    args, model = S.args, S.model
+    model.eval()
+    with torch.no_grad():
+        sampled = minirl.generate(model, S.eval_ids, n=args.eval_samples, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  stop_token_ids=S.tokenizer.eos_token_ids, generator=make_generator(args.seed, "eval"))
+        greedy = minirl.generate(model, S.eval_ids, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                 stop_token_ids=S.tokenizer.eos_token_ids)
+    per_level = defaultdict(lambda: [0, 0.0, 0.0])  # level -> [problems, pass@1 sum, greedy sum]
+    for p, group, g in zip(S.eval_problems, sampled, greedy):
+        acc = sum(is_correct(S, p, S.tokenizer.decode(c.token_ids)) for c in group) / len(group)
+        gr = float(is_correct(S, p, S.tokenizer.decode(g[0].token_ids)))
+        for key in ["all"] + ([p.difficulty] if p.difficulty is not None else []):
+            per_level[key][0] += 1
+            per_level[key][1] += acc
+            per_level[key][2] += gr
+    return {str(k): {"problems": v[0], "pass@1": v[1] / v[0], "greedy": v[2] / v[0]} for k, v in per_level.items()}
+
+
+def finish(S, eval_before):
+    """The final model, and the held-out table before / after."""
+    final_dir = os.path.join(S.run.path, "final")
+    minirl.save_model(S.model, final_dir, tokenizer=S.tokenizer)
+    eval_after = evaluate_heldout(S)
+    atomic_write_json(os.path.join(S.run.path, "summary.json"),
+                      {"eval_before": eval_before, "eval_after": eval_after, "final_model": final_dir})
     if eval_after:
-        run.log({"step": args.steps, **{f"eval/{k}": v for k, v in flatten(eval_after).items()}})
+        S.run.log({"step": S.args.steps, **{f"eval/{k}": v for k, v in flatten(eval_after).items()}})
         print(before_after_table(eval_before, eval_after))
     print(f"final model: {final_dir}")
 

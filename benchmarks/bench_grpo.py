@@ -63,7 +63,7 @@ import torch  # noqa: E402
 
 import minirl  # noqa: E402
 from minirl import grpo, tasks  # noqa: E402
-from minirl.common import BUNDLED_MODEL, device_description  # noqa: E402
+from minirl.common import BUNDLED_MODEL, device_description, parse_dtype  # noqa: E402
 from minirl.losses import grpo_token_loss  # noqa: E402
 from minirl.model import ModelConfig, Transformer  # noqa: E402
 from minirl.training import MasterAdamW, grad_norm_and_finite  # noqa: E402
@@ -100,6 +100,7 @@ def parse_args():
     p.add_argument("--beta", type=float, default=0.04,
                    help="KL weight; > 0 loads a reference model and adds its log-prob pass, 0 skips both")
     p.add_argument("--no-naive", action="store_true", help="skip the naive full-logits peer")
+    p.add_argument("--dtype", default=None, help="bf16 | fp32: the bundled model's dtype (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's default)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device, for MFU")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -162,7 +163,7 @@ class Phase:
 def build_setup(name, preset, args, device):
     """(model, prompts [list of id lists], problems or None, tokenizer or None, stop ids, pad id)."""
     if name == "tiny-arith":
-        model = minirl.load_model(BUNDLED_MODEL, device=device, dtype=torch.float32)
+        model = minirl.load_model(BUNDLED_MODEL, device=device, dtype=parse_dtype(args.dtype) or torch.float32)
         tok = minirl.load_tokenizer(BUNDLED_MODEL)
         problems = tasks.make_problems("arithmetic", preset["prompts"] * (args.warmup + args.steps),
                                        seed=0, levels=[1, 2, 3, 4])
@@ -188,7 +189,7 @@ def rollout(model, prompts, problems, tok, stop_ids, preset, args, step):
     with torch.no_grad():
         groups = minirl.generate(model, prompts, n=preset["samples"], max_new_tokens=args.max_new_tokens,
                                  temperature=1.0, stop_token_ids=stop_ids if preset["stop"] else None,
-                                 seed=1000 + step)
+                                 seed=1000 + step, return_logprobs=True)
     if problems is not None:
         rewards = [[tasks.verify(p, tok.decode(c.token_ids)) for c in grp] for p, grp in zip(problems, groups)]
         rewards = torch.tensor(rewards)  # [P, n]
@@ -196,7 +197,7 @@ def rollout(model, prompts, problems, tok, stop_ids, preset, args, step):
         rewards = torch.randint(0, 2, (len(prompts), preset["samples"]),
                                 generator=torch.Generator().manual_seed(step)).float()
     adv = grpo.group_advantages(rewards, preset["advantage_std"])
-    samples = [grpo.Sample(list(p), list(c.token_ids), a)
+    samples = [grpo.Sample(list(p), list(c.token_ids), a, sampler_logprobs=torch.as_tensor(c.logprobs).float())
                for p, grp, row in zip(prompts, groups, adv.tolist()) for c, a in zip(grp, row)]
     return samples, float(rewards.mean())
 
@@ -213,6 +214,17 @@ def old_and_ref_logprobs(model, ref_model, samples, pad_id, micro_tokens):
                 lp, m = grpo.completion_logprobs(ref_model, mb, pad_id)
                 for s, row, mm in zip(mb, lp, m):
                     s.ref_logprobs = row[mm].float()
+
+
+def sampler_trainer_mismatch(samples):
+    """train_grpo.py's mismatch metrics: the sampler's log-probs against the trainer's old
+    log-probs (temperature 1, no top-k/top-p here), over all completion tokens."""
+    old = torch.cat([s.old_logprobs.cpu() for s in samples])
+    sampler = torch.cat([s.sampler_logprobs.cpu() for s in samples])
+    st = grpo.mismatch_stats(old, sampler, torch.ones_like(old, dtype=torch.bool))
+    n = float(st["mismatch_tokens"])
+    return {"k3": float(st["mismatch_k3_sum"]) / n, "abs_mean": float(st["mismatch_abs_sum"]) / n,
+            "abs_max": float(st["mismatch_abs_max"]), "frac_gt_0.1": float(st["mismatch_big_sum"]) / n}
 
 
 def naive_completion_logprobs(model, samples, pad_id, temperature=1.0):
@@ -250,10 +262,14 @@ def naive_policy_loss(model, samples, *, pad_id, temperature, eps_low, eps_high,
     return loss, stats
 
 
-def train(model, optimizer, samples, loss_fn, pad_id, preset, args):
-    """Phase 3: loss over micro-batches, backward, clipping, optimizer step. -> (tokens, loss)."""
+def train(model, optimizer, samples, loss_fn, pad_id, preset, args, skip_zero=True):
+    """Phase 3: loss over micro-batches, backward, clipping, optimizer step. -> (tokens, loss).
+    With beta = 0, samples whose advantage is 0 are skipped as train_grpo.py does (same
+    denominators, same update) unless skip_zero is False."""
     model.train()
     num_seq, num_tok = len(samples), sum(len(s.completion_ids) for s in samples)
+    if args.beta == 0 and skip_zero:
+        samples = [s for s in samples if s.advantage != 0]
     tokens, loss_sum = 0, 0.0
     optimizer.zero_grad()
     for mb in grpo.micro_batches(samples, args.micro_batch_tokens):
@@ -309,6 +325,7 @@ def bench_model(name, preset, args, device):
         with Phase(device) as ph:
             old_and_ref_logprobs(model, ref_model, samples, pad_id, args.micro_batch_tokens)
         s["logprobs"] = phase_record(ph, train_tokens * (2 if ref_model is not None else 1))
+        s["mismatch"] = sampler_trainer_mismatch(samples)
         peaks.append(s["logprobs"].pop("peak_abs"))
         if step == 0 and not args.no_naive:
             try:
@@ -319,6 +336,11 @@ def bench_model(name, preset, args, device):
         s["training"] = timed_training(model, optimizer, samples, grpo.policy_loss, pad_id, preset, args, device)
         if "peak_abs" in s["training"]:
             peaks.append(s["training"].pop("peak_abs"))
+        s["zero_adv_frac"] = sum(x.advantage == 0 for x in samples) / len(samples)
+        if args.beta == 0:  # the same update without skipping the zero-advantage samples
+            s["training_all_samples"] = timed_training(model, optimizer, samples, grpo.policy_loss, pad_id,
+                                                       preset, args, device, skip_zero=False)
+            s["training_all_samples"].pop("peak_abs", None)
         s["step_peak_mem"] = max(peaks) if device.type == "cuda" else max(0, max(peaks) - rss_step)
         if not args.no_naive:
             s["naive_training"] = timed_training(model, optimizer, samples, naive_policy_loss, pad_id,
@@ -328,7 +350,12 @@ def bench_model(name, preset, args, device):
         print(f"  {name} step {step + 1}/{args.warmup + args.steps}{'' if s['measured'] else ' (warm-up)'}: "
               f"gen {s['generation']['seconds']:.2f}s logprobs {s['logprobs']['seconds']:.2f}s "
               f"train {fmt_seconds(s['training'])} naive {fmt_seconds(s.get('naive_training'))} | "
-              f"len {s['completion_len_mean']:.1f} reward {reward:.3f}", flush=True)
+              f"len {s['completion_len_mean']:.1f} reward {reward:.3f} zero-adv {s['zero_adv_frac']:.2f} | "
+              f"mismatch k3 {s['mismatch']['k3']:.2e} max |log-ratio| {s['mismatch']['abs_max']:.2e} "
+              f">0.1: {s['mismatch']['frac_gt_0.1']:.3f}"
+              + (f" | train CPU s: skipping {s['training']['cpu_seconds']:.2f}, without skipping "
+                 f"{s['training_all_samples']['cpu_seconds']:.2f}" if args.beta == 0 else ""),
+              flush=True)
     del model, ref_model, optimizer
     gc.collect()
     if device.type == "cuda":
@@ -341,10 +368,10 @@ def phase_record(ph, tokens):
             "tokens_per_s": tokens / ph.seconds, "peak_mem": ph.peak, "peak_abs": ph.peak_abs}
 
 
-def timed_training(model, optimizer, samples, loss_fn, pad_id, preset, args, device):
+def timed_training(model, optimizer, samples, loss_fn, pad_id, preset, args, device, skip_zero=True):
     try:
         with Phase(device) as ph:
-            tokens, loss = train(model, optimizer, samples, loss_fn, pad_id, preset, args)
+            tokens, loss = train(model, optimizer, samples, loss_fn, pad_id, preset, args, skip_zero)
     except torch.cuda.OutOfMemoryError:
         optimizer.zero_grad()
         gc.collect()

@@ -106,7 +106,7 @@ def cpu_child(method, N, H, V, repeats):
 
 def run_cpu(args):
     N, H, V = 4096, 576, 49152
-    from kernels.linear_logprobs import default_chunk_size
+    from minirl.kernels.linear_logprobs import default_chunk_size
     print(f"device: CPU ({os.cpu_count()} logical cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads)")
     print(f"shape: N={N} H={H} V={V} fp32; chunk_size={default_chunk_size(N, V, 'cpu')}; "

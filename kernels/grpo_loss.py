@@ -1,5 +1,5 @@
 """Triton kernel 3: the GRPO per-token loss (clipped surrogate + KL to a reference), fused
-forward and gradient, defined by kernels.reference.grpo_token_loss_reference.
+forward and gradient, defined by minirl.grpo.token_loss (plain PyTorch).
 
 Per token (all [N, T], flattened; A = advantage, r = exp(logp - old_logp)):
 
@@ -118,8 +118,7 @@ class TritonGrpoLoss(torch.autograd.Function):
 
 def grpo_token_loss_triton(logp, old_logp, adv, mask, eps_low, eps_high, ref_logp=None,
                            beta=0.0, kl_estimator="k3"):
-    """The Triton backend of minirl.losses.grpo_token_loss. Inputs validated there: all
-    [N, T] contiguous on one device, logp/old_logp/adv/ref fp32, mask bool.
-    Returns (loss, ratio, kl, clipped) like kernels.reference.grpo_token_loss_reference."""
+    """The Triton backend of minirl.grpo.token_loss: all [N, T] contiguous on one device,
+    logp/old_logp/adv/ref fp32, mask bool. Returns (loss, ratio, kl, clipped) like it."""
     return TritonGrpoLoss.apply(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, beta,
                                 kl_estimator)

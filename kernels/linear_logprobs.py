@@ -42,7 +42,7 @@ writes fp32 from bf16 inputs, an extra pass over it per chunk.
 """
 import torch
 
-from kernels.reference import logprobs_bwd_torch_, logprobs_fwd_torch
+from minirl.kernels.reference import logprobs_bwd_torch_, logprobs_fwd_torch
 
 
 def default_chunk_size(n_rows: int, vocab: int, device) -> int:
@@ -65,7 +65,7 @@ class LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, with_entropy, chunk_size, use_triton):
         if use_triton:
-            from kernels.logprobs import logprobs_fwd_triton as fwd
+            from minirl.kernels.logprobs import logprobs_fwd_triton as fwd
         else:
             fwd = logprobs_fwd_torch
         N = hidden.shape[0]
@@ -96,7 +96,7 @@ class LinearLogprobs(torch.autograd.Function):
         if not (need_h or need_w):
             return None, None, None, None, None, None
         if ctx.use_triton:
-            from kernels.logprobs import logprobs_bwd_triton
+            from minirl.kernels.logprobs import logprobs_bwd_triton
 
             def bwd_(z, t, ls, ent, g, e):
                 return logprobs_bwd_triton(z, t, ls, ent, g, e, out=z)  # in place

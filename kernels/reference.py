@@ -14,13 +14,8 @@ Gradients (derived in kernels/logprobs.py), for upstream grads g (on logprob) an
     d loss / d z_j    = g (1[j = t] - p_j) - e p_j (log p_j + H)
                       = g 1[j = t] - p_j (g + e (log p_j + H))
 
-GRPO per-token loss (see grpo_token_loss_reference), with ratio r = exp(logp - old_logp):
-
-    surrogate = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
-    log_r     = ref_logp - logp
-    k1 = -log_r,   k2 = log_r^2 / 2,   k3 = exp(log_r) - log_r - 1   (Schulman's estimators
-         of KL(policy || reference) from samples of the policy)
-    loss      = surrogate + beta * kl          (0 where mask == 0)
+Kernel 3 (the GRPO per-token loss, kernels/grpo_loss.py) is defined in plain PyTorch by
+minirl.grpo.token_loss, where a reader of the GRPO objective looks for it.
 
 All maths runs in fp32 (fp64 when the inputs are fp64, which the tests use), whatever the
 input dtype; outputs are fp32 (fp64 for fp64 inputs).
@@ -94,46 +89,3 @@ def logprobs_bwd_torch_(z, targets, lse, entropy, g_logp, g_entropy):
     if dz.data_ptr() != z.data_ptr():  # low-precision z: write the fp32 result back, rounded
         z.copy_(dz)
     return z
-
-
-# --------------------------------------------------------------------------------------
-# Kernel 3: the GRPO per-token loss.
-# --------------------------------------------------------------------------------------
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-def grpo_token_loss_reference(logp, old_logp, advantages, mask, eps_low, eps_high,
-                              ref_logp=None, beta=0.0, kl_estimator="k3"):
-    """Per-token GRPO loss, through autograd. All inputs [N, T] (advantages already expanded).
-
-    Returns (loss [N, T], ratio [N, T], kl [N, T], clipped [N, T] int8), all 0 where mask is
-    False; clipped = 1 where the low clip zeroes the gradient (A < 0 and r < 1 - eps_low),
-    2 where the high clip does (A > 0 and r > 1 + eps_high). Gradients flow to logp only.
-
-    Masked positions are replaced by zeros *before* any maths, so padding that holds garbage
-    (inf/nan) cannot leak into the loss or, through 0 * inf, into the gradient."""
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    logp = torch.where(mask, logp, zero)  # [N, T]; grad is 0 at masked positions
-    old_logp = torch.where(mask, old_logp.detach(), zero)
-    adv = torch.where(mask, advantages.detach(), zero)
-
-    ratio = torch.exp(logp - old_logp)  # [N, T]
-    surrogate = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    clip_low = (adv < 0) & (ratio < 1 - eps_low)
-    clip_high = (adv > 0) & (ratio > 1 + eps_high)
-
-    if ref_logp is None:
-        kl = torch.zeros_like(logp)
-    else:
-        log_r = torch.where(mask, ref_logp.detach(), zero) - logp  # log(ref / policy)
-        if kl_estimator == "k1":
-            kl = -log_r
-        elif kl_estimator == "k2":
-            kl = 0.5 * log_r**2
-        else:  # k3: unbiased and always >= 0
-            kl = torch.exp(log_r) - log_r - 1
-    loss = torch.where(mask, surrogate + beta * kl, zero)  # [N, T]
-
-    clipped = (clip_low.to(torch.int8) + 2 * clip_high.to(torch.int8)) * mask
-    return loss, ratio.detach() * mask, kl.detach() * mask, clipped.to(torch.int8)

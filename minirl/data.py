@@ -263,6 +263,13 @@ def _has_chat_template(tokenizer):
             and getattr(tokenizer, "chat_template", True) is not None)
 
 
+def prompt_add_special_tokens(template: str, tokenizer) -> bool:
+    """Whether a prompt is encoded with the tokenizer's special tokens (e.g. Llama-3's BOS):
+    yes for plain text, no when the chat template rendered it (it writes its own BOS)."""
+    chat_rendered = template == "chat" or (template == "boxed" and getattr(tokenizer, "chat_template", None))
+    return not chat_rendered
+
+
 def format_prompt(question: str, template: str = "boxed", tokenizer=None) -> str:
     """The prompt text for one question (see TEMPLATES). ``tokenizer`` is any object with
     ``apply_chat_template(messages, add_generation_prompt=True) -> str``."""

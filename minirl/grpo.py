@@ -1,5 +1,5 @@
-"""The GRPO family: group advantages, per-token policy loss aggregation, and the log-probs
-of completions under the policy — exactly these variants:
+"""The GRPO family: group advantages, the per-token objective and its aggregation, and the
+log-probs of completions under the policy — exactly these variants:
 
 Advantages (rewards r [P, n], one group of n samples per prompt):
     std_mode="group":  A = (r - mean_group(r)) / (std_group(r) + eps)      GRPO (DeepSeekMath)
@@ -7,8 +7,14 @@ Advantages (rewards r [P, n], one group of n samples per prompt):
     std_mode="none":   A =  r - mean_group(r)                              Dr. GRPO
     std is the unbiased (n - 1) standard deviation, as in TRL.
 
-Per-token loss (minirl.losses.grpo_token_loss): with ratio = exp(logp - old_logp),
-    l_t = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta * KL_t(k1 | k2 | k3)
+Per-token loss (token_loss), with ratio = exp(logp - old_logp) and log_ref = ref_logp - logp:
+    l_t = -min(ratio A_t, clip(ratio, 1 - eps_low, 1 + eps_high) A_t) + beta * KL_t
+    KL_t = k1: -log_ref  |  k2: log_ref^2 / 2  |  k3: exp(log_ref) - log_ref - 1
+(Schulman's estimators of KL(policy || reference); eps_high > eps_low is DAPO's clip-higher.)
+A_t is the sequence's advantage, times a rollout-correction weight w_t when one is used:
+    w_t = min(exp(old_logp - sampler_logp), C)                      "tis" (truncated IS)
+    w_t = exp(old_logp - sampler_logp) if that is <= C, else 0      "mis" (masked IS)
+(w_t >= 0, so weighting A_t is weighting the policy-gradient term; the KL term is unweighted.)
 
 Aggregation over the tokens t of sequences i (|o_i| = completion length, G = #sequences):
     "seq-mean-token-mean":  (1/G) sum_i (1/|o_i|) sum_t l_it      GRPO
@@ -16,17 +22,26 @@ Aggregation over the tokens t of sequences i (|o_i| = completion length, G = #se
     "seq-mean-token-sum-norm": (1/(G L)) sum_i sum_t l_it         Dr. GRPO, L = a constant
                                                                   (max completion length)
 The denominators G, sum |o_i| are those of the whole optimisation (mini-)batch, so splitting
-it into micro-batches for memory (gradient accumulation) gives the same gradient.
+it into micro-batches for memory (gradient accumulation) gives the same gradient, and so does
+leaving out sequences whose every l_it is 0 (A = 0 and beta = 0: their gradient is exactly 0).
+
+token_loss is the definition, in plain PyTorch; the Triton kernel (kernels/grpo_loss.py) is a
+fused drop-in behind the same call (backend="triton", or "auto" on CUDA), tested equal.
+Inputs are not checked here (internal calls); minirl.losses.grpo_token_loss is the checked
+public entry point.
 """
 from dataclasses import dataclass
 
 import torch
 
 from minirl.common import MinirlError
-from minirl.losses import grpo_token_loss, linear_logprobs
+from minirl.kernels.linear_logprobs import linear_logprobs_chunked
+from minirl.losses import resolve_backend
 
 STD_MODES = ("group", "batch", "none")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 
 
 def group_advantages(rewards: torch.Tensor, std_mode: str = "group", eps: float = 1e-6) -> torch.Tensor:
@@ -44,6 +59,77 @@ def group_advantages(rewards: torch.Tensor, std_mode: str = "group", eps: float 
         std = rewards.std() if rewards.numel() > 1 else torch.zeros(())
         adv = centred / (std + eps)
     return adv.float()
+
+
+def token_loss(logp, old_logp, adv, mask, eps_low, eps_high, ref_logp=None, beta=0.0,
+               kl_estimator="k3", backend=None):
+    """Per-token loss l [B, T] (module docstring), and for the statistics ratio, kl and the
+    clip code (1: low clip active, 2: high clip active), all 0 where mask is False.
+    logp [B, T] differentiable; old_logp, adv (per token), ref_logp [B, T] fp32; mask bool."""
+    if resolve_backend(backend, logp.device) == "triton":
+        from minirl.kernels.grpo_loss import grpo_token_loss_triton
+        return grpo_token_loss_triton(logp, old_logp, adv, mask, eps_low, eps_high, ref_logp, beta,
+                                      kl_estimator)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(mask, logp, zero)  # [B, T]: padding may hold garbage (inf, nan)
+    old_logp = torch.where(mask, old_logp.detach(), zero)
+    adv = torch.where(mask, adv.detach(), zero)
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        log_ref = torch.where(mask, ref_logp.detach(), zero) - logp  # log(ref / policy)
+        if kl_estimator == "k1":
+            kl = -log_ref
+        elif kl_estimator == "k2":
+            kl = log_ref**2 / 2
+        else:  # k3: unbiased and always >= 0
+            kl = torch.exp(log_ref) - log_ref - 1
+    loss = torch.where(mask, -surrogate + beta * kl, zero)  # [B, T]
+    clipped = ((adv < 0) & (ratio < 1 - eps_low)).to(torch.int8) + 2 * ((adv > 0) & (ratio > 1 + eps_high)).to(torch.int8)
+    return loss, ratio.detach() * mask, kl.detach() * mask, clipped * mask
+
+
+@torch.no_grad()
+def token_stats(mask, ratio, kl, clipped):
+    """The statistics trainers log, as 0-dim fp32 tensors (no host sync), over the tokens
+    where mask is True: clip_low_frac / clip_high_frac (fraction of tokens whose gradient the
+    low / high clip zeroes), clip_frac, ratio_mean/min/max (1 with no token), kl_mean, n_tokens."""
+    n = mask.sum().to(torch.float32)
+    denom = n.clamp(min=1.0)
+    clip_low = (clipped == 1).sum().to(torch.float32) / denom
+    clip_high = (clipped == 2).sum().to(torch.float32) / denom
+    one = torch.ones((), dtype=torch.float32, device=ratio.device)
+    any_token = n > 0
+    ratio_min = torch.where(mask, ratio, torch.inf).min() if ratio.numel() else one
+    ratio_max = torch.where(mask, ratio, -torch.inf).max() if ratio.numel() else one
+    return {"clip_low_frac": clip_low, "clip_high_frac": clip_high, "clip_frac": clip_low + clip_high,
+            "ratio_mean": torch.where(any_token, ratio.sum() / denom, one),
+            "ratio_min": torch.where(any_token, ratio_min, one),
+            "ratio_max": torch.where(any_token, ratio_max, one),
+            "kl_mean": kl.sum() / denom, "n_tokens": n}
+
+
+def rollout_weights(old_logp, sampler_logp, mask, mode, cap):
+    """Rollout-correction weights w [B, T] (module docstring) for the policy-gradient term:
+    the trainer's rollout-policy log-probs old_logp against the sampler's sampler_logp."""
+    rho = torch.exp(torch.where(mask, old_logp - sampler_logp, 0.0))  # [B, T]
+    if mode == "tis":
+        return rho.clamp(max=cap)
+    return torch.where(rho <= cap, rho, 0.0)  # mis
+
+
+@torch.no_grad()
+def mismatch_stats(old_logp, sampler_logp, mask):
+    """Sampler vs trainer on the completion tokens (sums, for per-token means after
+    accumulation): k3(sampler || trainer) with log_r = trainer - sampler, |log_r| and the
+    number of tokens with |log_r| > 0.1; max |log_r|."""
+    log_r = torch.where(mask, old_logp - sampler_logp, 0.0)  # [B, T]
+    k3 = torch.exp(log_r) - log_r - 1
+    return {"mismatch_k3_sum": k3.sum(), "mismatch_abs_sum": log_r.abs().sum(),
+            "mismatch_big_sum": (log_r.abs() > 0.1).sum().to(torch.float32),
+            "mismatch_abs_max": log_r.abs().max() if log_r.numel() else torch.zeros(()),
+            "mismatch_tokens": mask.sum().to(torch.float32)}
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_sequences: int,
@@ -70,8 +156,11 @@ class Sample:
     completion_ids: list
     advantage: float
     loss_mask: bool = True  # False: excluded from the loss (e.g. truncated, with --truncated mask)
-    old_logprobs: torch.Tensor = None  # [len(completion_ids)] from the rollout policy
-    ref_logprobs: torch.Tensor = None
+    old_logprobs: torch.Tensor = None  # [len(completion_ids)] the trainer's, rollout policy
+    ref_logprobs: torch.Tensor = None  # [len(completion_ids)] the reference model's
+    sampler_logprobs: torch.Tensor = None  # [len(completion_ids)] as the sampler drew them
+    reward: float = None  # for the record (the update reads only the advantage)
+    finish_reason: str = None
 
 
 def batch_tensors(samples, pad_id: int, device):
@@ -105,8 +194,11 @@ def completion_logprobs(model, samples, pad_id: int, temperature: float = 1.0, r
     h = h.reshape(-1, h.shape[-1]).index_select(0, pred_pos[mask])  # [M, H] completion positions
     if temperature != 1.0:
         h = h / temperature  # (h / tau) W^T = logits / tau
-    out = linear_logprobs(h, model.lm_head_weight, targets[mask], return_entropy=return_entropy,
-                          backend=backend)
+    # The fused log-prob path without minirl.losses.linear_logprobs's input checks (and their
+    # host sync): the targets are the model's own sampled tokens, in range by construction.
+    use_triton = resolve_backend(backend, h.device) == "triton"
+    out = linear_logprobs_chunked(h.contiguous(), model.lm_head_weight, targets[mask], return_entropy,
+                                  None, use_triton)
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device)  # [B, Tc]
     if return_entropy:
         logp = logp.masked_scatter(mask, out[0])
@@ -143,18 +235,31 @@ def micro_batches(samples, max_tokens: int):
 
 
 def policy_loss(model, samples, *, pad_id, temperature, eps_low, eps_high, beta, kl_estimator,
-                aggregation, num_sequences, num_tokens, norm_length, on_policy, backend=None):
+                aggregation, num_sequences, num_tokens, norm_length, on_policy,
+                rollout_correction="none", correction_cap=2.0, backend=None):
     """The micro-batch's share of the loss (call .backward() on it) and its statistics.
-    on_policy: old log-probs are the current ones, detached, so the ratio is exactly 1."""
-    logp, mask, entropy = completion_logprobs(model, samples, pad_id, temperature, True, backend)
+    on_policy: old log-probs are the current ones, detached, so the ratio is exactly 1.
+    With sampler log-probs on the samples, the statistics include the sampler/trainer
+    mismatch (mismatch_stats) and, with a rollout correction, its weights."""
+    logp, mask, entropy = completion_logprobs(model, samples, pad_id, temperature, True, backend)  # [B, Tc]
     device, width = logp.device, logp.shape[1]
     old = logp.detach() if on_policy else pad_rows([s.old_logprobs for s in samples], width, device)
     ref = pad_rows([s.ref_logprobs for s in samples], width, device) if beta > 0 else None
-    loss_mask = mask & torch.tensor([s.loss_mask for s in samples], device=device)[:, None]
-    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device)
-    per_token, stats = grpo_token_loss(logp, old, adv, loss_mask, eps_low, eps_high, ref_logp=ref,
-                                       beta=beta, kl_estimator=kl_estimator, backend=backend)
+    loss_mask = mask & torch.tensor([s.loss_mask for s in samples], device=device)[:, None]  # [B, Tc]
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device)[:, None].expand(mask.shape)
+    stats = {}
+    if samples[0].sampler_logprobs is not None:
+        sampler = pad_rows([s.sampler_logprobs for s in samples], width, device)
+        stats.update(mismatch_stats(old, sampler, loss_mask))
+        if rollout_correction != "none":
+            w = rollout_weights(old, sampler, loss_mask, rollout_correction, correction_cap)  # [B, Tc]
+            stats["correction_weight_sum"] = (w * loss_mask).sum()
+            stats["correction_capped_sum"] = ((old - sampler).exp().gt(correction_cap) & loss_mask).sum().float()
+            adv = adv * w
+    per_token, ratio, kl, clipped = token_loss(logp, old, adv.contiguous(), loss_mask, eps_low, eps_high,
+                                               ref, beta, kl_estimator, backend)
     loss = aggregate(per_token, loss_mask, aggregation, num_sequences, num_tokens, norm_length)
+    stats.update(token_stats(loss_mask, ratio, kl, clipped))
     stats["entropy_sum"] = (entropy * mask).sum()
     stats["n_completion_tokens"] = mask.sum()
     return loss, stats

@@ -5,6 +5,7 @@ and chooses between the Triton kernels and their PyTorch references (kernels/).
     linear_logprobs(hidden [N, H], weight [V, H], targets)  -> logprob [N] (, entropy [N])
     grpo_token_loss(logp [N, T], old_logp, advantages, mask, ...)
                                                   -> (loss [N, T], stats dict)
+                      (checks its inputs, then minirl.grpo.token_loss: the definition)
 
 logprob[n] = log softmax(logits[n])[targets[n]] and entropy[n] = -sum_j p_j log p_j, both fp32
 (softmax maths is always fp32, whatever the logits' dtype). Leading dimensions are allowed:
@@ -25,8 +26,8 @@ import os
 
 import torch
 
-from kernels.linear_logprobs import linear_logprobs_chunked
-from kernels.reference import KL_ESTIMATORS, grpo_token_loss_reference, token_logprobs_reference
+from minirl.kernels.linear_logprobs import linear_logprobs_chunked
+from minirl.kernels.reference import token_logprobs_reference
 from minirl.common import MinirlError
 
 BACKENDS = ("auto", "triton", "torch")
@@ -101,7 +102,7 @@ def token_logprobs(logits, targets, return_entropy=False, backend=None):
     if logits.dtype not in _KERNEL_DTYPES:
         raise MinirlError(f"the Triton kernel takes bf16, fp16 or fp32 logits, got "
                           f"{logits.dtype} (use backend='torch')")
-    from kernels.logprobs import token_logprobs_triton
+    from minirl.kernels.logprobs import token_logprobs_triton
 
     logits2d = logits.reshape(-1, V)  # [N, V]; a view whenever the rows are evenly strided
     if logits2d.stride(-1) != 1:  # the kernel needs contiguous rows; rows may be strided
@@ -177,8 +178,8 @@ def grpo_token_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2,
         ratio_mean, ratio_min, ratio_max   of r (1.0 when no token is unmasked)
         kl_mean         mean KL estimate (0 without ref_logp); logged even when beta = 0
         n_tokens        number of unmasked tokens
-    Gradients flow to logp only. How the per-token loss is aggregated (sequence-mean then
-    token-mean, token-mean, constant normaliser) is minirl.grpo's business, not this one's."""
+    Gradients flow to logp only. The maths is minirl.grpo.token_loss (plain PyTorch, or the
+    Triton kernel by backend); how the per-token loss is aggregated is minirl.grpo.aggregate."""
     for name, x in (("logp", logp), ("old_logp", old_logp)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise MinirlError(f"{name} must be a tensor [N, T]")
@@ -198,6 +199,7 @@ def grpo_token_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2,
     if ref_logp is not None:
         if not ref_logp.is_floating_point() or tuple(ref_logp.shape) != shape:
             raise MinirlError(f"ref_logp must be floating point with shape {list(shape)}")
+    from minirl.grpo import KL_ESTIMATORS, token_loss, token_stats  # grpo imports this module
     if kl_estimator not in KL_ESTIMATORS:
         raise MinirlError(f"kl_estimator={kl_estimator!r}: choose one of {KL_ESTIMATORS}")
     if beta < 0 or eps_low < 0 or eps_high < 0:
@@ -215,38 +217,6 @@ def grpo_token_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2,
     def f32(x):  # the kernel reads contiguous fp32 [N, T]; these are small
         return None if x is None else x.to(torch.float32).contiguous()
 
-    if resolve_backend(backend, logp.device) == "triton":
-        from kernels.grpo_loss import grpo_token_loss_triton
-
-        loss, ratio, kl, clipped = grpo_token_loss_triton(
-            f32(logp), f32(old_logp), f32(advantages), mask.contiguous(), eps_low, eps_high,
-            f32(ref_logp), beta, kl_estimator)
-    else:
-        loss, ratio, kl, clipped = grpo_token_loss_reference(
-            f32(logp), f32(old_logp), f32(advantages), mask, eps_low, eps_high, f32(ref_logp),
-            beta, kl_estimator)
-    return loss, grpo_stats(mask, ratio, kl, clipped)
-
-
-@torch.no_grad()
-def grpo_stats(mask, ratio, kl, clipped):
-    """The statistics trainers log, as 0-dim fp32 tensors, over the tokens where mask is True
-    (see grpo_token_loss). ratio, kl and clipped are 0 where mask is False."""
-    n = mask.sum().to(torch.float32)
-    denom = n.clamp(min=1.0)
-    clip_low = (clipped == 1).sum().to(torch.float32) / denom
-    clip_high = (clipped == 2).sum().to(torch.float32) / denom
-    one = torch.ones((), dtype=torch.float32, device=ratio.device)
-    any_token = n > 0
-    ratio_min = torch.where(mask, ratio, torch.inf).min() if ratio.numel() else one
-    ratio_max = torch.where(mask, ratio, -torch.inf).max() if ratio.numel() else one
-    return {
-        "clip_low_frac": clip_low,
-        "clip_high_frac": clip_high,
-        "clip_frac": clip_low + clip_high,
-        "ratio_mean": torch.where(any_token, ratio.sum() / denom, one),
-        "ratio_min": torch.where(any_token, ratio_min, one),
-        "ratio_max": torch.where(any_token, ratio_max, one),
-        "kl_mean": kl.sum() / denom,
-        "n_tokens": n,
-    }
+    loss, ratio, kl, clipped = token_loss(f32(logp), f32(old_logp), f32(advantages), mask.contiguous(),
+                                          eps_low, eps_high, f32(ref_logp), beta, kl_estimator, backend)
+    return loss, token_stats(mask, ratio, kl, clipped)

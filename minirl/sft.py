@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from minirl.common import MinirlError, make_generator, read_jsonl
+from minirl.data import prompt_add_special_tokens
 from minirl.losses import linear_logprobs
 
 # ---------------------------------------------------------------- examples -> token ids
@@ -198,13 +199,6 @@ def select_samples(path: str, only_correct: bool, max_per_problem: Optional[int]
         out += [(q, r, pid, where) for _, q, r, where in chosen]
     counts["problems"] = len(order)
     return out, counts
-
-
-def prompt_add_special_tokens(template: str, tokenizer) -> bool:
-    """Whether a prompt is encoded with the tokenizer's special tokens (e.g. Llama-3's BOS):
-    yes for plain text, no when the chat template rendered it (it writes its own BOS)."""
-    chat_rendered = template == "chat" or (template == "boxed" and getattr(tokenizer, "chat_template", None))
-    return not chat_rendered
 
 
 def record_locations(path: str) -> list:

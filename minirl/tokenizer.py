@@ -4,11 +4,14 @@ load_tokenizer(folder) reads tokenizer.json plus the special tokens from
 tokenizer_config.json and generation_config.json (eos may be a list). apply_chat_template
 renders the model's own Jinja template (tokenizer_config.json "chat_template" or
 chat_template.jinja) with the same Jinja settings transformers uses, so the string is
-identical; without jinja2, or for a tokenizer with no template, the built-in ChatML or
-Llama-3 renderer is used.
+identical. Without jinja2 (an optional dependency), a ChatML or Llama-3 template is rendered
+by a builtin Python renderer that gives the same string (a ChatML template's default system
+prompt included); any other template then needs jinja2. A tokenizer with no template gets
+plain ChatML.
 """
 import json
 import os
+import re
 from datetime import datetime
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -94,7 +97,7 @@ class Tokenizer:
                 raise MinirlError(f"messages[{i}]: needs 'role' and 'content'")
         if self.chat_template is not None:
             try:
-                import jinja2  # noqa: F401
+                import jinja2.ext  # noqa: F401  (the submodule render_jinja_template uses)
             except ImportError:
                 return builtin_chat_template(messages, add_generation_prompt, self.chat_template,
                                              bos_token=self.bos_token or "")
@@ -142,6 +145,7 @@ def render_jinja_template(template: str, messages, add_generation_prompt: bool, 
     """Render with the Jinja settings transformers uses (trim_blocks, lstrip_blocks,
     loopcontrols, raise_exception, strftime_now, tojson without ASCII escaping)."""
     import jinja2
+    import jinja2.ext  # a submodule: `import jinja2` alone does not load it
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -164,17 +168,32 @@ def render_jinja_template(template: str, messages, add_generation_prompt: bool, 
                            **{k: v for k, v in special.items()})
 
 
+# A ChatML template's default system prompt: a string literal between "<|im_start|>system"
+# and "<|im_end|>", with the newline written as such (SmolLM2) or as Jinja's "\n" (Qwen2.5),
+# and no quote inside (so an expression like `+ messages[0]['content'] +` is never taken for it).
+_CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"]*?)<\|im_end\|>")
+_JINJA_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+
+
 def builtin_chat_template(messages, add_generation_prompt: bool, template: str, bos_token: str = "") -> str:
-    """ChatML (Qwen, SmolLM2) or Llama-3 rendered in Python, for tokenizers without a
-    template or machines without jinja2. `template` is "chatml", "llama3", or a Jinja
-    source whose special tokens tell which of the two it is."""
-    if "<|start_header_id|>" in template or template == "llama3":
+    """ChatML (Qwen, SmolLM2) or Llama-3 rendered in Python, for machines without jinja2.
+    `template` is "chatml", "llama3", or a model's Jinja source, whose special tokens tell
+    which of the two it is; a ChatML source's default system prompt (used when the first
+    message is not a system message) is read from it. Any other template: MinirlError."""
+    if template == "llama3" or "<|start_header_id|>" in template:
         out = bos_token or "<|begin_of_text|>"
         for m in messages:
             out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
         if add_generation_prompt:
             out += "<|start_header_id|>assistant<|end_header_id|>\n\n"
         return out
+    if template != "chatml" and "<|im_start|>" not in template:
+        raise MinirlError("this chat template is neither ChatML nor Llama-3: rendering it needs jinja2 "
+                          "(pip install jinja2)")
+    default = _CHATML_DEFAULT_SYSTEM.search(template) if template != "chatml" else None
+    if default and messages and messages[0]["role"] != "system":
+        system = re.sub(r"\\(.)", lambda e: _JINJA_ESCAPES.get(e.group(1), e.group(1)), default.group(1))
+        messages = [{"role": "system", "content": system}] + list(messages)
     out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     if add_generation_prompt:
         out += "<|im_start|>assistant\n"

@@ -418,13 +418,25 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Elapsed time and ETA for a loop of known length (entry scripts print it)."""
+    """Elapsed time and ETA for a loop of known length (entry scripts print it).
 
-    def __init__(self, total: int, done: int = 0):
-        self.total, self.start_done, self.t0 = total, done, time.time()
+    The ETA uses the median of the last `window` step times, not the mean since the start:
+    the first step (warm-up, compilation) and an occasional slow one (an evaluation, a
+    checkpoint) do not throw it off, and it follows a real change of pace within a window."""
+
+    def __init__(self, total: int, done: int = 0, window: int = 10):
+        self.total, self.start_done, self.window = total, done, window
+        self.t0 = self.t_last = time.time()
+        self.done_last, self.step_times = done, []
 
     def eta(self, done: int) -> str:
-        elapsed = time.time() - self.t0
-        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0
-        left = (self.total - done) / rate if rate > 0 else float("nan")
-        return f"{format_duration(elapsed)} elapsed, ETA {format_duration(left) if rate > 0 else '?'}"
+        now = time.time()
+        if done > self.done_last:
+            per_step = (now - self.t_last) / (done - self.done_last)
+            self.step_times = (self.step_times + [per_step] * min(done - self.done_last, self.window))[-self.window:]
+            self.t_last, self.done_last = now, done
+        elapsed = now - self.t0
+        if not self.step_times:
+            return f"{format_duration(elapsed)} elapsed, ETA ?"
+        median = sorted(self.step_times)[len(self.step_times) // 2]
+        return f"{format_duration(elapsed)} elapsed, ETA {format_duration(median * (self.total - done))}"

@@ -155,7 +155,7 @@ TIMING_KEYS = {"t_gen", "t_train", "gen_tok_s", "train_tok_s"}
 
 
 def test_resume_gives_the_same_metrics(tiny_model_dir, task_files, tmp_path):
-    flags = ["--beta", 0.05, "--epochs-per-rollout", 2]
+    flags = ["--beta", 0.05, "--epochs-per-rollout", 2, "--rollout-correction", "tis", "--mini-batches", 3]
     run_grpo(*common_flags(tiny_model_dir, task_files, tmp_path / "a", 4), *flags)
     run_grpo(*common_flags(tiny_model_dir, task_files, tmp_path / "b", 4), *flags, "--stop-after", 2)
     assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2]
@@ -167,7 +167,11 @@ def test_resume_gives_the_same_metrics(tiny_model_dir, task_files, tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
-    (["--prompts-per-step", 3, "--mini-batches", 2], "not divisible by --mini-batches"),
+    (["--temperature", 0], "--temperature must be > 0"),
+    (["--top-p", 1.5], "--top-p must be in (0, 1]"),
+    (["--lr", -1], "--lr must be > 0"),
+    (["--eval-samples", 0], "--eval-samples must be >= 1"),
+    (["--top-k", -2], "--top-k must be >= 0"),
     (["--num-samples", 0], "--num-samples must be >= 1"),
     (["--prompts-per-step", 100], "larger than the 40 training problems"),
     (["--ref-device", "cpu"], "--ref-device is set but --beta is 0"),
@@ -191,7 +195,21 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir, task_files, tmp_
     flags = common_flags(tiny_model_dir, task_files, out, 5)
     flags[flags.index("--reward") + 1] = f"{tmp_path / 'nan_reward.py'}:f"
     proc = run_grpo(*flags, "--max-bad-steps", 2, check=False)
-    assert proc.returncode == 1 and "2 non-finite steps in a row" in proc.stderr
+    assert proc.returncode == 1 and "2 updates in a row with a non-finite" in proc.stderr
     rec = metrics(out)
     assert [m["skipped_updates"] for m in rec] == [1]  # step 1 logged and skipped; step 2 stops
     assert not os.path.exists(out / "final")
+
+
+def test_progress_eta_ignores_one_slow_step(monkeypatch):
+    """The ETA is the median of recent step times: a slow first step (warm-up) or one slow
+    step (an evaluation) does not move it."""
+    from minirl import training
+    now = [0.0]
+    monkeypatch.setattr(training.time, "time", lambda: now[0])
+    p = training.Progress(100)
+    assert p.eta(0).endswith("ETA ?")
+    for step, seconds in enumerate([60.0] + [2.0] * 8 + [30.0], start=1):
+        now[0] += seconds
+        line = p.eta(step)
+    assert line.endswith("ETA 3:00"), line  # 90 steps left x 2 s

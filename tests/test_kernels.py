@@ -6,7 +6,7 @@ before triton is imported): about 1 ms per launch and 60 us per program, so shap
 and the real vocabularies (49,152 and 151,936) get only a few rows. On a CUDA machine the
 same tests run the compiled kernels on the GPU, plus the GPU-only cases at the end.
 
-Tolerances (DESIGN.md, max relative error of the whole tensor vs float64):
+Tolerances (max relative error of the whole tensor vs float64):
     fp32: values 1e-5, gradients 1e-4
     bf16: values 1e-2, gradients 2e-2 (+1 bf16 ulp: the interpreter truncates on store), and
           the kernel's error must not exceed PyTorch's own bf16 error (+1 ulp of slack).

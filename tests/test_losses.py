@@ -246,7 +246,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
 def test_env_var_selects_triton(monkeypatch):
     """MINIRL_KERNELS=triton on CPU tensors runs the kernel (here, in the interpreter)."""
-    import kernels.logprobs as klp
+    import minirl.kernels.logprobs as klp
     calls = []
     real = klp.token_logprobs_triton
     monkeypatch.setattr(klp, "token_logprobs_triton", lambda *a: calls.append(1) or real(*a))
