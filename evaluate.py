@@ -192,8 +192,6 @@ def read_done_chunks(path, chunk_size, n, problem_ids):
 
 
 def cmd_sample(args):
-    import torch
-
     import minirl
     from minirl import distributed
     from minirl.common import MinirlError, atomic_write_json, atomic_write_text, parse_dtype

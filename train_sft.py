@@ -31,7 +31,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import time
 from collections import defaultdict
 from types import SimpleNamespace
@@ -52,7 +51,7 @@ from minirl.tasks import LEVELS, make_problems, verify
 from minirl.tokenizer import load_tokenizer
 from minirl.training import (BadSteps, MasterAdamW, Progress, RunDir, check_out_dir, check_resume_args,
                              grad_norm_and_finite, load_checkpoint, lr_at, run_main,
-                             use_gradient_checkpointing, write_manifest)
+                             use_gradient_checkpointing)
 
 TEMPLATES = ("chat", "boxed", "r1-zero", "raw")
 TINY_LR = 2e-3   # the bundled 1.6M-parameter model: measured best of 1e-3 / 2e-3 (BENCHMARKS.md)
@@ -381,7 +380,7 @@ def build_model(args, config, ckpt, run, dist):
     Under torchrun the weights are fp32 and sharded (FSDP2: they are the master weights),
     and compute runs in --dtype."""
     device, dtype = args.torch_device, args.torch_dtype
-    if dist.on or sharded_checkpoint(ckpt):
+    if dist.on or distributed.is_sharded_checkpoint(ckpt):
         return build_sharded_model(args, config, ckpt, run, dist)
     start_step, extra = 0, {}
     if ckpt is not None:
@@ -417,11 +416,6 @@ def prepare(model, args):
 # ---------------------------------------------------------------- more than one process (torchrun)
 
 
-def sharded_checkpoint(ckpt):
-    """Whether a checkpoint was written by save_checkpoint under torchrun (DCP shards)."""
-    return ckpt is not None and os.path.exists(os.path.join(ckpt, ".metadata"))
-
-
 def build_sharded_model(args, config, ckpt, run, dist):
     """build_model under torchrun, or for a checkpoint written under torchrun: fp32 weights
     (from --model / --init-config, then the checkpoint's shards: DCP reshards them to this
@@ -436,14 +430,11 @@ def build_sharded_model(args, config, ckpt, run, dist):
     model, optimizer = prepare(model, args)
     start_step, extra = 0, {}
     if ckpt is not None:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=True)
-        distributed.load_sharded(ckpt, model, optimizer.opt, dist)
+        state, resharded = distributed.load_checkpoint(ckpt, model, optimizer, dist)
         start_step, extra = state["step"], state["extra"]
         if dist.main:
             for note in run.truncate_metrics(start_step):
                 print(note, flush=True)
-        resharded = (f"; resharded from {state['world']} to {dist.world} rank(s)"
-                     if state["world"] != dist.world else "")
         print(f"resumed from {ckpt} at step {start_step}{resharded}")
     if not dist.on and args.torch_dtype != torch.float32:  # one process: compute weights + fp32 masters
         sd = {"opt": optimizer.opt.state_dict(), "master": [p.detach().clone() for p in model.parameters()]}
@@ -453,29 +444,6 @@ def build_sharded_model(args, config, ckpt, run, dist):
     print(f"model: {args.init_config or args.model} ({n_params / 1e6:.2f}M parameters, fp32 sharded over "
           f"{dist.world} rank(s), compute {args.torch_dtype}, {args.torch_device}); run folder: {args.out}")
     return model, optimizer, start_step, extra
-
-
-def save_checkpoint(run, step, model, tokenizer, optimizer, extra, args, dist):
-    """run.save_checkpoint, or under torchrun a sharded one: checkpoints/step_N with every
-    rank's DCP shards of the weights and AdamW state, model/ (config and tokenizer, no
-    weights), trainer_state.pt (step, loop state, number of ranks) and manifest.json last,
-    renamed into place by rank 0 when complete."""
-    if not dist.on:
-        return run.save_checkpoint(step, model, tokenizer, optimizer, extra=extra, keep_last=args.keep_last)
-
-    def write_more(tmp):
-        os.makedirs(os.path.join(tmp, "model"))
-        with open(os.path.join(tmp, "model", "config.json"), "w", encoding="utf-8") as f:
-            json.dump(model.config.to_hf(), f, indent=2)
-        tokenizer.save(os.path.join(tmp, "model"))
-        torch.save({"step": step, "extra": extra, "world": dist.world}, os.path.join(tmp, "trainer_state.pt"))
-        write_manifest(tmp, step)
-
-    path = os.path.join(run.ckpt_root, f"step_{step:06d}")
-    distributed.save_sharded(path, model, optimizer.opt, dist, write_more=write_more)
-    if dist.main and args.keep_last:
-        for old in run.checkpoints()[:-args.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- held-out evaluation
@@ -690,7 +658,10 @@ def main(argv=None):
             log_step(run, progress, record, ev, plan.total)
         extra = {"tokens": tokens_seen, "bad_in_row": bad_steps.in_row, "before": before}
         if done in (plan.total, last_step) or (args.save_every and done % args.save_every == 0):
-            save_checkpoint(run, done, model, tokenizer, optimizer, extra, args, dist)
+            if dist.on:  # every rank writes its shards
+                distributed.save_checkpoint(run, done, model, optimizer, tokenizer, dist, extra, args.keep_last)
+            else:
+                run.save_checkpoint(done, model, tokenizer, optimizer, extra=extra, keep_last=args.keep_last)
 
     if last_step < plan.total:
         print(f"stopped after step {last_step} (--stop-after); continue with --resume --out {args.out}")

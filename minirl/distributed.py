@@ -244,3 +244,46 @@ def load_sharded(path: str, model, optimizer, dist: Dist) -> dict:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     with open(os.path.join(path, "extra.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+# ---------------------------------------------------------------- run-folder checkpoints
+
+
+def is_sharded_checkpoint(ckpt) -> bool:
+    """Whether a checkpoint folder was written by save_checkpoint (DCP shards)."""
+    return ckpt is not None and os.path.exists(os.path.join(ckpt, ".metadata"))
+
+
+def save_checkpoint(run, step: int, model, optimizer, tokenizer, dist: Dist, extra: dict, keep_last: int):
+    """The sharded counterpart of RunDir.save_checkpoint: checkpoints/step_N with every
+    rank's DCP shards of the weights and AdamW state, model/ (config and tokenizer, no
+    weights), trainer_state.pt (step, the loop's extra state, number of ranks) and
+    manifest.json last (so RunDir.resume_checkpoint verifies it like any other), renamed into
+    place by rank 0 once complete. `optimizer`: a MasterAdamW over the sharded parameters."""
+    import json
+
+    from minirl.training import write_manifest
+
+    def write_more(tmp):
+        os.makedirs(os.path.join(tmp, "model"))
+        with open(os.path.join(tmp, "model", "config.json"), "w", encoding="utf-8") as f:
+            json.dump(model.config.to_hf(), f, indent=2)
+        tokenizer.save(os.path.join(tmp, "model"))
+        torch.save({"step": step, "extra": extra, "world": dist.world}, os.path.join(tmp, "trainer_state.pt"))
+        write_manifest(tmp, step)
+
+    path = os.path.join(run.ckpt_root, f"step_{step:06d}")
+    save_sharded(path, model, optimizer.opt, dist, write_more=write_more)
+    if dist.main and keep_last:
+        import shutil
+        for old in run.checkpoints()[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: str, model, optimizer, dist: Dist):
+    """Load a save_checkpoint() folder into this run's (sharded) model and MasterAdamW.
+    Returns (trainer state: step and extra, a note: "" or how it was resharded)."""
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    load_sharded(ckpt, model, optimizer.opt, dist)
+    note = (f"; resharded from {state['world']} to {dist.world} rank(s)" if state["world"] != dist.world else "")
+    return state, note
