@@ -335,6 +335,14 @@ def load_sharded_policy(S, ckpt):
         return 0, {}
     state, resharded = distributed.load_checkpoint(ckpt, S.model, S.optimizer, dist)
     print(f"resumed from {ckpt} at step {state['step']}{resharded}", flush=True)
+    if not dist.on and S.dtype != torch.float32:  # one process: compute weights + fp32 master copy
+        saved = {"opt": S.optimizer.opt.state_dict(), "master": [p.detach().clone() for p in S.model.parameters()]}
+        S.model.to(S.dtype)
+        S.optimizer = MasterAdamW(S.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay)
+        S.optimizer.load_state_dict(saved)
+        if S.ref_model is not None:
+            S.ref_model.to(S.dtype)
     return state["step"], state["extra"]
 
 

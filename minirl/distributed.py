@@ -283,6 +283,10 @@ def save_checkpoint(run, step: int, model, optimizer, tokenizer, dist: Dist, ext
 def load_checkpoint(ckpt: str, model, optimizer, dist: Dist):
     """Load a save_checkpoint() folder into this run's (sharded) model and MasterAdamW.
     Returns (trainer state: step and extra, a note: "" or how it was resharded)."""
+    if not is_sharded_checkpoint(ckpt):
+        from minirl.common import MinirlError
+        raise MinirlError(f"--resume: {ckpt} was written by one process; resume it with one process "
+                          "(under torchrun only checkpoints written under torchrun are resumed)")
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=True)
     load_sharded(ckpt, model, optimizer.opt, dist)
     note = (f"; resharded from {state['world']} to {dist.world} rank(s)" if state["world"] != dist.world else "")
