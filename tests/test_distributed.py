@@ -300,18 +300,20 @@ def completions(dump):
 
 @pytest.fixture(scope="module", params=sorted(GRPO_CASES))
 def grpo_pair(request, tmp_path_factory):
+    """Each case: 1 process; 2 ranks; 2 ranks stopped after step 1 and resumed, with 2 ranks
+    (dynamic-minibatches: must equal the straight 2-rank run exactly) or with 1 process (demo:
+    resharded, must equal the 1-process run to 1e-5)."""
     d = tmp_path_factory.mktemp("grpo-" + request.param)
     flags = GRPO_COMMON + GRPO_CASES[request.param]
     one = run_script([sys.executable, GRPO, *flags, "--out", str(d / "one"), "--dump-rollouts", str(d / "one.jsonl")], d)
     two = run_script([*TORCHRUN, GRPO, *flags, "--out", str(d / "two"), "--dump-rollouts", str(d / "two.jsonl")], d)
-    return d, one, two
+    run_script([*TORCHRUN, GRPO, *flags, "--out", str(d / "stop"), "--stop-after", "1"], d)
+    launcher = TORCHRUN if "dynamic" in request.param else [sys.executable]
+    resumed = run_script([*launcher, GRPO, *flags, "--out", str(d / "stop"), "--resume"], d)
+    return d, one, two, resumed
 
 
-def test_grpo_two_ranks_same_completions_and_metrics(grpo_pair):
-    d, one, two = grpo_pair
-    c1, c2 = completions(d / "one.jsonl"), completions(d / "two.jsonl")
-    assert len(c1) == 3 and c1 == c2  # token ids, rewards, order
-    m1, m2 = grpo_metrics(d / "one"), grpo_metrics(d / "two")
+def assert_grpo_metrics_close(m1, m2):
     assert [set(r) for r in m1] == [set(r) for r in m2]
     for r1, r2 in zip(m1, m2):
         for k, v in r1.items():
@@ -319,6 +321,13 @@ def test_grpo_two_ranks_same_completions_and_metrics(grpo_pair):
                 assert abs(v - r2[k]) <= 1e-5 * abs(v) + NOISE.get(k, 1e-9), (r1["step"], k, v, r2[k])
             else:
                 assert v == r2[k], (r1["step"], k, v, r2[k])
+
+
+def test_grpo_two_ranks_same_completions_and_metrics(grpo_pair):
+    d, one, two, _ = grpo_pair
+    c1, c2 = completions(d / "one.jsonl"), completions(d / "two.jsonl")
+    assert len(c1) == 3 and c1 == c2  # token ids, rewards, order
+    assert_grpo_metrics_close(grpo_metrics(d / "one"), grpo_metrics(d / "two"))
     u1 = [json.loads(line)["updates"] for line in open(d / "one.jsonl")]
     u2 = [json.loads(line)["updates"] for line in open(d / "two.jsonl")]
     assert [[u["samples"] for u in s] for s in u1] == [[u["samples"] for u in s] for s in u2]  # same mini-batches
@@ -329,8 +338,22 @@ def test_grpo_two_ranks_same_completions_and_metrics(grpo_pair):
         assert rel_err(w2[k], w1[k]) < 1e-5, k
 
 
+def test_grpo_stop_and_resume(grpo_pair):
+    d, _, _, resumed = grpo_pair
+    stop = grpo_metrics(d / "stop")
+    final = minirl.load_model(d / "stop" / "final", device="cpu").state_dict()
+    if "dynamic" in d.name:  # resumed with 2 ranks: the straight 2-rank run exactly
+        assert "resharded" not in resumed.stdout and "resumed from" in resumed.stdout
+        assert stop == grpo_metrics(d / "two")
+        straight = minirl.load_model(d / "two" / "final", device="cpu").state_dict()
+        assert all(torch.equal(final[k], straight[k]) for k in straight)
+    else:  # a 2-rank checkpoint resumed by one process
+        assert "resharded from 2 to 1 rank(s)" in resumed.stdout
+        assert_grpo_metrics_close(grpo_metrics(d / "one"), stop)
+
+
 def test_grpo_dynamic_sampling_took_several_rounds(grpo_pair):
-    d, _, _ = grpo_pair
+    d, _, _, _ = grpo_pair
     rounds = [r["sampling_rounds"] for r in grpo_metrics(d / "two") if "sampling_rounds" in r]
     dynamic = "dynamic" in d.name
     assert (max(rounds) > 1) == dynamic  # the case exercises what it claims
