@@ -4,10 +4,18 @@ The training and evaluation scripts run unchanged on one process; under `torchru
 the few functions below, and nothing else about them changes:
 
     dist = distributed.init(device_flag)      # rank, world size, device; no-op without torchrun
+    distributed.quiet_unless_main(dist)       # ranks > 0 print nothing
     model = distributed.shard(model, dist, compute_dtype)   # FSDP2: params/grads/optim 1/N each
     mine = distributed.split(items, dist)     # this rank's share, by a fixed rule
-    everyone = distributed.gather(mine, dist) # every rank's share, in rank order
+    everyone = distributed.gather(mine, dist) # every rank's share, in rank order (merge() undoes split)
     total = distributed.all_sum(x, dist)      # a float summed over ranks
+    value = distributed.from_main(fn, dist)   # fn() run by rank 0 alone, sent to all
+    plain = distributed.replica(model, dist, dtype)      # full weights on every rank (for sampling)
+    distributed.save_checkpoint(run, step, ...) / load_checkpoint(ckpt, ...)  # sharded (DCP)
+    weights = distributed.full_state_dict(model, dist)   # rank 0, for final/
+
+Without torchrun each of them is the identity or a no-op, so the scripts' one-process path
+is unchanged.
 
 Sharding (FSDP2, `torch.distributed.fsdp.fully_shard`): every transformer block is one
 group, the embeddings/final norm/lm-head the root group. Parameters stay fp32 and sharded

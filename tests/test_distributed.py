@@ -380,3 +380,24 @@ def test_grpo_two_nodes_on_one_machine(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1]
     assert os.path.exists(tmp_path / "run" / "final" / "model.safetensors")
+
+
+HANG = r'''
+import sys, time
+from minirl import distributed
+dist = distributed.init("cpu")
+if dist.rank == 1:
+    time.sleep(120)  # a rank that stops answering (stuck, or its node gone)
+distributed.all_sum(1.0, dist)
+'''
+
+
+def test_a_rank_that_stops_answering_ends_the_job_within_the_timeout(tmp_path):
+    """MINIRL_DIST_TIMEOUT bounds every collective: rank 0 fails after it, torchrun stops rank 1."""
+    (tmp_path / "hang.py").write_text(HANG)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MINIRL_DIST_TIMEOUT="5")
+    t0 = time.time()
+    proc = subprocess.run([*TORCHRUN, "hang.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+    assert proc.returncode != 0
+    assert "Timed out waiting 5000ms" in proc.stderr  # the collective timeout, not another failure
+    assert time.time() - t0 < 60, time.time() - t0
