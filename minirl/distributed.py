@@ -292,10 +292,37 @@ def load_checkpoint(ckpt: str, model, optimizer, dist: Dist):
     """Load a save_checkpoint() folder into this run's (sharded) model and MasterAdamW.
     Returns (trainer state: step and extra, a note: "" or how it was resharded)."""
     if not is_sharded_checkpoint(ckpt):
-        from minirl.common import MinirlError
-        raise MinirlError(f"--resume: {ckpt} was written by one process; resume it with one process "
-                          "(under torchrun only checkpoints written under torchrun are resumed)")
+        return load_single_process_checkpoint(ckpt, model, optimizer, dist)
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=True)
     load_sharded(ckpt, model, optimizer.opt, dist)
     note = (f"; resharded from {state['world']} to {dist.world} rank(s)" if state["world"] != dist.world else "")
     return state, note
+
+
+def load_single_process_checkpoint(ckpt: str, model, optimizer, dist: Dist):
+    """A checkpoint written by one process (RunDir.save_checkpoint: model/ + trainer_state.pt)
+    into this run's sharded model and optimizer: the full weights (the fp32 master copy when
+    there is one) and AdamW's state, named by parameter, scattered to the ranks' shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from minirl.training import load_checkpoint as load_plain_checkpoint
+    plain, state = load_plain_checkpoint(ckpt, "cpu", torch.float32)
+    names = [n for n, p in plain.named_parameters() if p.requires_grad]
+    weights = plain.state_dict()
+    if "master" in state["optimizer"]:  # bf16 weights + fp32 masters: the masters are the weights
+        weights.update(zip(names, state["optimizer"]["master"]))
+    del plain
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    # MasterAdamW's groups: matrices (weight decay) first, then vectors, each in module order.
+    dims = {n: weights[n].dim() for n in names}
+    order = [n for n in names if dims[n] >= 2] + [n for n in names if dims[n] < 2]
+    saved = state["optimizer"]["opt"]
+    groups, start = [], 0
+    for g in saved["param_groups"]:
+        groups.append({**g, "params": order[start:start + len(g["params"])]})
+        start += len(g["params"])
+    full = {"state": {order[i]: v for i, v in saved["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer.opt, full, options=options)
+    return {"step": state["step"], "extra": state.get("extra", {})}, f"; resharded from 1 to {dist.world} rank(s)"

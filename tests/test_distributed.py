@@ -149,7 +149,8 @@ def assert_close_metrics(a, b, tol=1e-5):
 @pytest.fixture(scope="module")
 def sft_runs(tmp_path_factory):
     """One SFT setting run five ways: 1 process; 2 ranks; 2 ranks stopped after step 1 and
-    resumed with 2 ranks; the same step-1 checkpoint resumed with 1 process. 45 examples,
+    resumed with 2 ranks; the same step-1 checkpoint resumed with 1 process; a 1-process
+    step-1 checkpoint resumed with 2 ranks. 45 examples,
     steps of 3 packed rows (ranks take 2 and 1: uneven shares), val loss every 2 steps.
     lr 5e-4: Adam divides each gradient element by its own running magnitude, so the ~1e-7
     rounding of another summation order is amplified where a gradient is near zero; the
@@ -170,6 +171,8 @@ def sft_runs(tmp_path_factory):
     shutil.copytree(d / "stop", d / "stop_one")
     out["resumed"] = run_script([*TORCHRUN, SFT, *common, "--out", str(d / "stop"), "--resume"], d)
     out["resharded"] = run_script([sys.executable, SFT, *common, "--out", str(d / "stop_one"), "--resume"], d)
+    run_script([sys.executable, SFT, *common, "--out", str(d / "grow"), "--stop-after", "1"], d)
+    out["grown"] = run_script([*TORCHRUN, SFT, *common, "--out", str(d / "grow"), "--resume"], d)
     return out
 
 
@@ -220,6 +223,16 @@ def test_sft_two_rank_checkpoint_resumes_in_one_process(sft_runs):
     shard = sorted(ckpt.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:-10])
     assert "truncated" in verify_checkpoint(str(ckpt))
+
+
+def test_sft_one_process_checkpoint_resumes_with_two_ranks(sft_runs):
+    d = sft_runs["dir"]
+    assert "resharded from 1 to 2 rank(s)" in sft_runs["grown"].stdout
+    assert_close_metrics(metric_lines(d / "grow"), metric_lines(d / "one"))
+    w1 = minirl.load_model(d / "one" / "final", device="cpu").state_dict()
+    w2 = minirl.load_model(d / "grow" / "final", device="cpu").state_dict()
+    for k in w1:
+        assert rel_err(w2[k], w1[k]) < 1e-5, k
 
 
 def test_sft_bad_flag_under_torchrun_one_line_and_every_rank_gone(tmp_path):
