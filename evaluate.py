@@ -220,9 +220,8 @@ def read_done_chunks(path, chunk_size, n, problem_ids):
 
 
 def cmd_sample(args):
-    import torch
-
     import minirl
+    from minirl import distributed
     from minirl.banned import BannedWords
     from minirl.common import MinirlError, atomic_write_json, atomic_write_text, parse_dtype
     from minirl.checkpoint import read_config, resolve_model_path
@@ -262,18 +261,23 @@ def cmd_sample(args):
     ids = [p.id for p in problems]
     done = read_done_chunks(out, args.chunk_problems, args.n, ids)  # refuses a foreign file before any work
     banned = BannedWords(tokenizer, args.banned_words) if args.banned_words else None
-    device = torch.device(args.device) if args.device else None
+    dist = distributed.init(args.device)  # torchrun: chunks split over ranks; without it, one process
+    distributed.quiet_unless_main(dist)
+    device = dist.device if args.device or dist.on else None
     model = minirl.load_model(args.model, device=device, dtype=parse_dtype(args.dtype))
-    atomic_write_json(settings_path, settings)  # the first file written: every input is known good
-
-    atomic_write_text(out, "".join(json.dumps(o) + "\n" for o in done))  # drop a partial chunk
+    distributed.barrier(dist)  # every rank has read the files before rank 0 rewrites them
+    if dist.main:
+        atomic_write_json(settings_path, settings)  # the first file written: every input is known good
+        atomic_write_text(out, "".join(json.dumps(o) + "\n" for o in done))  # drop a partial chunk
     start_problem = len(done) // args.n
     chunks = range(-(-start_problem // args.chunk_problems), -(-len(problems) // args.chunk_problems))
     progress = Progress(len(problems), start_problem)
     if start_problem:
         print(f"resuming {out}: {start_problem}/{len(problems)} problems already sampled", flush=True)
     tokens_total, t0 = 0, time.time()
-    for c in chunks:
+
+    def sample_chunk(c):
+        """The sample lines of chunk c (its own seed: the same lines on any rank)."""
         chunk = problems[c * args.chunk_problems:(c + 1) * args.chunk_problems]
         prompts = all_prompts[c * args.chunk_problems:(c + 1) * args.chunk_problems]
         groups = minirl.generate(model, prompts, n=args.n, max_new_tokens=max_new, temperature=args.temperature,
@@ -289,14 +293,25 @@ def cmd_sample(args):
                               "question": p.question, "sample_index": j, "response": text,
                               "num_tokens": len(comp.token_ids), "finish_reason": comp.finish_reason,
                               "answer": g.answer if g else extract_answer(text), "correct": bool(correct)})
-                tokens_total += len(comp.token_ids)
-        with open(out, "a", encoding="utf-8") as f:  # one write per chunk: whole chunks only
-            f.write("".join(json.dumps(o) + "\n" for o in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        done_problems = min(len(problems), (c + 1) * args.chunk_problems)
-        print(f"sampled {done_problems}/{len(problems)} problems | {tokens_total / max(time.time() - t0, 1e-9):.0f} "
-              f"tok/s | {progress.eta(done_problems)}", flush=True)
+        return lines
+
+    # Rounds of one chunk per rank (one chunk per round on one process); rank 0 appends the
+    # round's chunks in chunk order, so the file is the same for any number of ranks.
+    chunks = list(chunks)
+    for r in range(0, len(chunks), dist.world):
+        round_chunks = chunks[r:r + dist.world]
+        mine = sample_chunk(round_chunks[dist.rank]) if dist.rank < len(round_chunks) else []
+        for c, lines in zip(round_chunks, distributed.gather(mine, dist)):
+            if dist.main:
+                with open(out, "a", encoding="utf-8") as f:  # one write per chunk: whole chunks only
+                    f.write("".join(json.dumps(o) + "\n" for o in lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+            tokens_total += sum(o["num_tokens"] for o in lines)
+            done_problems = min(len(problems), (c + 1) * args.chunk_problems)
+            print(f"sampled {done_problems}/{len(problems)} problems | "
+                  f"{tokens_total / max(time.time() - t0, 1e-9):.0f} tok/s | {progress.eta(done_problems)}", flush=True)
+    distributed.close(dist)
     print(f"samples: {out}")
     return out
 

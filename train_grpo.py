@@ -27,6 +27,14 @@ constant normaliser), "kim-trl" (the TRL settings of Kim et al.'s own GRPO run),
 default without --model: the bundled tiny model, settings that show learning on a CPU in
 minutes). Explicit flags override presets.
 
+More than one GPU: `torchrun --nproc_per_node N train_grpo.py ...`. A step's prompts are
+split over the ranks (every N-th), each with its own seed, so the completions are the same for
+any N; each rank samples from a plain replica of the weights gathered once per step, grades
+its share, and the rewards are gathered so every rank computes the same advantages and
+dynamic-sampling decision. Each mini-batch is the same set of samples as on one process,
+each rank training on every N-th of them (global loss denominators; FSDP2 sums the
+gradients). Rank 0 alone prints and writes. See minirl/distributed.py, docs/distributed.md.
+
 Reading order: main() is setup plus the loop; one step is collect_rollouts ->
 compute_advantages -> update_policy -> log_step, each defined below in that order. The loss
 itself is minirl/grpo.py (policy_loss, token_loss, aggregate); the optimizer minirl/training.py.
@@ -58,7 +66,7 @@ from dataclasses import dataclass, field
 import torch
 
 import minirl
-from minirl import grpo, tasks
+from minirl import distributed, grpo, tasks
 from minirl.common import (BUNDLED_MODEL, MinirlError, atomic_write_json, default_device, default_dtype,
                           make_generator, parse_dtype)
 from minirl.data import format_prompt, load_problems, prompt_add_special_tokens
@@ -246,6 +254,8 @@ class Setup:
     grader_timeouts: int = 0
     micro_tokens: int = 4096
     reward_fn: object = None
+    dist: distributed.Dist = field(default_factory=distributed.Dist)  # one process without torchrun
+    dtype: torch.dtype = torch.float32  # compute dtype
 
 
 def load_data(args, tokenizer):
@@ -282,15 +292,20 @@ def load_policy(S, dtype):
     """Model (from the latest checkpoint with --resume), reference model, optimizer; returns
     (start step, data position, checkpoint extras)."""
     args, state, start_step, data_pos, extra = S.args, None, 0, 0, {}
-    ckpt, notes = S.run.resume_checkpoint() if args.resume else (None, [])
-    if ckpt:
+    ckpt, notes = distributed.from_main(S.run.resume_checkpoint, S.dist) if args.resume else (None, [])
+    if S.dist.on or distributed.is_sharded_checkpoint(ckpt):
+        start_step, extra = load_sharded_policy(S, ckpt)
+        data_pos = extra.get("data_pos", 0)
+    elif ckpt:
         S.model, state = load_checkpoint(ckpt, S.device, dtype)
         start_step, extra = state["step"], state["extra"]
         data_pos = extra["data_pos"]
-    if args.resume:  # metric lines after the checkpoint (or all, with none) are written again
+    if args.resume and S.dist.main:  # metric lines after the checkpoint (or all, with none) are written again
         notes += S.run.truncate_metrics(start_step if ckpt else -1)
     for note in notes:  # damaged checkpoints skipped, a torn metrics line, leftovers removed
         print(note, flush=True)
+    if S.dist.on or distributed.is_sharded_checkpoint(ckpt):
+        return start_step, data_pos, extra
     if not ckpt:
         S.model = minirl.load_model(args.model, device=S.device, dtype=dtype)
     if args.beta > 0:
@@ -304,6 +319,33 @@ def load_policy(S, dtype):
     return start_step, data_pos, extra
 
 
+def load_sharded_policy(S, ckpt):
+    """load_policy under torchrun (or for a checkpoint written under torchrun): fp32 weights
+    sharded with FSDP2 (they are the master weights; compute in --dtype), the reference
+    model sharded the same way, the checkpoint's shards resharded to this run's ranks."""
+    args, dist = S.args, S.dist
+    S.model = distributed.shard(minirl.load_model(args.model, device=S.device, dtype=torch.float32), dist, S.dtype)
+    if args.beta > 0:
+        ref = minirl.load_model(args.model, device=args.ref_device or S.device, dtype=torch.float32)
+        S.ref_model = distributed.shard(ref.requires_grad_(False), dist, S.dtype)
+    S.model.gradient_checkpointing = use_gradient_checkpointing(args.gradient_checkpointing, S.device)
+    S.optimizer = MasterAdamW(S.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.weight_decay)
+    if ckpt is None:
+        return 0, {}
+    state, resharded = distributed.load_checkpoint(ckpt, S.model, S.optimizer, dist)
+    print(f"resumed from {ckpt} at step {state['step']}{resharded}", flush=True)
+    if not dist.on and S.dtype != torch.float32:  # one process: compute weights + fp32 master copy
+        saved = {"opt": S.optimizer.opt.state_dict(), "master": [p.detach().clone() for p in S.model.parameters()]}
+        S.model.to(S.dtype)
+        S.optimizer = MasterAdamW(S.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay)
+        S.optimizer.load_state_dict(saved)
+        if S.ref_model is not None:
+            S.ref_model.to(S.dtype)
+    return state["step"], state["extra"]
+
+
 def main():
     args = parse_args()
     check_args(args)
@@ -315,6 +357,9 @@ def main():
     dtype = dtype or default_dtype(device)
     out = args.out or os.path.join("runs", "grpo-" + time.strftime("%Y%m%d-%H%M%S"))
     check_out_dir(out, args.resume)
+    dist = distributed.init(device)  # one process without torchrun
+    device = dist.device
+    distributed.quiet_unless_main(dist)
     args_path = os.path.join(out, "args.json")
     if args.resume and os.path.exists(args_path):
         with open(args_path) as f:
@@ -324,10 +369,11 @@ def main():
     S = Setup(args, device, RunDir(out), tokenizer, train, prompt_ids, held_out, eval_ids,
               bad_steps=BadSteps(args.max_bad_steps),
               micro_tokens=args.micro_batch_tokens or (16384 if device.type == "cuda" else 4096),
-              reward_fn=tasks.load_reward_fn(args.reward) if args.reward else None)
+              reward_fn=tasks.load_reward_fn(args.reward) if args.reward else None, dist=dist, dtype=dtype)
     start_step, data_pos, extra = load_policy(S, dtype)
-    S.run.save_args(vars(args))
-    S.run.enable_loggers(args.wandb_project, args.tensorboard, run_name=os.path.basename(out), config=vars(args))
+    if dist.main:
+        S.run.save_args(vars(args))
+        S.run.enable_loggers(args.wandb_project, args.tensorboard, run_name=os.path.basename(out), config=vars(args))
     print(f"run folder {out} | preset {args.preset} | model {args.model} | {device} {str(dtype).replace('torch.', '')} | "
           f"{len(train)} train / {len(held_out)} held-out problems | P={args.prompts_per_step} "
           f"n={args.num_samples} steps={args.steps}", flush=True)
@@ -337,7 +383,8 @@ def main():
         if eval_before:
             print(f"held-out before training: pass@1 {eval_before['all']['pass@1']:.3f} "
                   f"greedy {eval_before['all']['greedy']:.3f}", flush=True)
-            S.run.log({"step": 0, **{f"eval/{k}": v for k, v in flatten(eval_before).items()}})
+            if dist.main:
+                S.run.log({"step": 0, **{f"eval/{k}": v for k, v in flatten(eval_before).items()}})
 
     # ---------------------------------------------------------------- the loop: one GRPO step each
     progress = Progress(args.steps, start_step)
@@ -350,12 +397,16 @@ def main():
         update = update_policy(S, step, samples)                  # 5-6. log-probs, mini-batches, optimizer
         log_step(S, step, lr, rollouts, samples, update, progress)
         if (args.save_every and step % args.save_every == 0) or step == last_step:
-            S.run.save_checkpoint(step, S.model, tokenizer, S.optimizer, keep_last=args.keep_last,
-                                  extra={"data_pos": data_pos, "eval_before": eval_before})
+            extra = {"data_pos": data_pos, "eval_before": eval_before}
+            if dist.on:  # every rank writes its shards
+                distributed.save_checkpoint(S.run, step, S.model, S.optimizer, tokenizer, dist, extra, args.keep_last)
+            else:
+                S.run.save_checkpoint(step, S.model, tokenizer, S.optimizer, keep_last=args.keep_last, extra=extra)
     if last_step < args.steps:
         print(f"stopped after step {last_step} (--stop-after); continue with --resume --out {out}")
-        return
-    finish(S, eval_before)
+    else:
+        finish(S, eval_before)
+    distributed.close(dist)
 
 
 # ==================================================================== one step, in data order
@@ -378,30 +429,37 @@ def collect_rollouts(S, step, data_pos):
     """1-3. Sample n completions for the next problems, reward them, and with
     --dynamic-sampling drop all-equal groups and sample more problems (up to
     --max-sampling-rounds rounds). Each round has its own random stream (step, round)."""
-    args, R = S.args, Rollouts()
+    args, R, dist = S.args, Rollouts(), S.dist
     S.grader_timeouts = 0
+    sampler = distributed.replica(S.model, dist, S.dtype)  # weights gathered once per step under torchrun
     while len(R.kept) < args.prompts_per_step and (
             R.rounds == 0 or (args.dynamic_sampling and R.rounds < args.max_sampling_rounds)):
         need = args.prompts_per_step - len(R.kept)
         indices = take_problems(args.seed, len(S.train_problems), data_pos, need)
+        # One seed per prompt, keyed by its place in the data stream: a prompt's completions
+        # do not depend on the other prompts of the call, so any split over ranks draws the same.
+        seeds = [make_generator(args.seed, "rollout", step, R.rounds, data_pos + k).initial_seed()
+                 for k in range(need)]
         data_pos += need
-        t0 = time.time()
-        S.model.eval()
+        t0, timeouts_before = time.time(), S.grader_timeouts
+        sampler.eval()
+        mine = distributed.split(list(range(need)), dist)  # every prompt without torchrun
         with torch.no_grad():
             groups = minirl.generate(
-                S.model, [S.prompt_ids[i] for i in indices], n=args.num_samples, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                stop_token_ids=S.tokenizer.eos_token_ids, return_logprobs=True,
-                generator=make_generator(args.seed, "rollout", step, R.rounds, device=S.device))
+                sampler, [S.prompt_ids[indices[k]] for k in mine], n=args.num_samples,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, stop_token_ids=S.tokenizer.eos_token_ids, return_logprobs=True,
+                seeds=[seeds[k] for k in mine])
+        scored = [[reward_of(S, S.train_problems[indices[k]], S.tokenizer.decode(c.token_ids), c.finish_reason)
+                   for c in group] for k, group in zip(mine, groups)]  # grading on each rank
+        groups, scored = gather_rollouts(groups, scored, S, timeouts_before)
         R.seconds += time.time() - t0
         R.rounds += 1
-        for i, group in zip(indices, groups):
-            scored = [reward_of(S, S.train_problems[i], S.tokenizer.decode(c.token_ids), c.finish_reason)
-                      for c in group]
-            rewards = [r for r, _ in scored]
+        for i, group, scored_group in zip(indices, groups, scored):
+            rewards = [r for r, _ in scored_group]
             R.groups += 1
             R.rewards += rewards
-            R.correct += [ok for _, ok in scored]
+            R.correct += [ok for _, ok in scored_group]
             R.lengths += [len(c.token_ids) for c in group]
             R.truncated += [c.finish_reason == "length" for c in group]
             zero_std = max(rewards) == min(rewards)
@@ -409,6 +467,16 @@ def collect_rollouts(S, step, data_pos):
             if not (args.dynamic_sampling and zero_std):
                 R.kept.append((i, group, rewards))
     return R, data_pos
+
+
+def gather_rollouts(groups, scored, S, timeouts_before):
+    """Under torchrun: every rank's sampled groups and their (reward, correct), back in the
+    round's prompt order on every rank, and the round's grader timeouts summed. Else unchanged."""
+    if not S.dist.on:
+        return groups, scored
+    shares = distributed.gather((groups, scored, S.grader_timeouts - timeouts_before), S.dist)
+    S.grader_timeouts = timeouts_before + sum(t for _, _, t in shares)
+    return distributed.merge([g for g, _, _ in shares]), distributed.merge([s for _, s, _ in shares])
 
 
 @functools.lru_cache(maxsize=2)
@@ -474,15 +542,21 @@ def update_policy(S, step, samples):
     on_policy = args.epochs_per_rollout == 1 and args.mini_batches == 1
     model.train()
     with torch.no_grad():
-        for mb in grpo.micro_batches(samples, S.micro_tokens) if (not on_policy or S.ref_model) else []:
+        for mb in rank_micro_batches(S, samples) if (not on_policy or S.ref_model) else []:
+            batch = mb or samples[:1]  # None: a stand-in pass, discarded (see rank_micro_batches)
             if not on_policy:  # the rollout policy's log-probs, before any update
-                lp, m = grpo.completion_logprobs(model, mb, S.tokenizer.pad_token_id, args.temperature)
-                for s, row, mm in zip(mb, lp, m):
+                lp, m = grpo.completion_logprobs(model, batch, S.tokenizer.pad_token_id, args.temperature)
+                for s, row, mm in zip(mb or [], lp, m):
                     s.old_logprobs = row[mm].float()
             if S.ref_model is not None:
-                lp, m = grpo.completion_logprobs(S.ref_model, mb, S.tokenizer.pad_token_id, args.temperature)
-                for s, row, mm in zip(mb, lp, m):
+                lp, m = grpo.completion_logprobs(S.ref_model, batch, S.tokenizer.pad_token_id, args.temperature)
+                for s, row, mm in zip(mb or [], lp, m):
                     s.ref_logprobs = row[mm].float()
+    if S.dist.on and (not on_policy or S.ref_model):  # every rank gets every sample's
+        mine = distributed.split(samples, S.dist)
+        rows = distributed.gather([(cpu(s.old_logprobs), cpu(s.ref_logprobs)) for s in mine], S.dist)
+        for s, (old, ref) in zip(samples, distributed.merge(rows)):
+            s.old_logprobs, s.ref_logprobs = old, ref
     U = {"stats": {}, "losses": [], "grad_norm": 0.0, "skipped": 0, "train_tokens": 0, "dump": []}
     for epoch in range(args.epochs_per_rollout):
         split = split_mini_batches(len(samples), args.mini_batches, make_generator(args.seed, "mini-batches", step, epoch))
@@ -505,8 +579,43 @@ def update_policy(S, step, samples):
             U["losses"].append(loss)
             U["dump"].append({"epoch": epoch, "samples": chunk_ids, "loss": loss,
                               "ratio_min": ratio_range[0], "ratio_max": ratio_range[1]})
+    if S.dist.on:
+        reduce_over_ranks(S, U)
     U["seconds"] = time.time() - t0
     return U
+
+
+def rank_micro_batches(S, samples):
+    """The micro-batches of `samples` that this rank runs: all of them on one process; under
+    torchrun those of its share (every N-th sample), padded with None up to the count of the
+    rank with the most. Each forward under FSDP2 is a collective every rank must join, so a
+    None is run on a stand-in sample with weight 0."""
+    per_rank = [grpo.micro_batches(share, S.micro_tokens) for share in distributed.shares(samples, S.dist)]
+    mine = per_rank[S.dist.rank]
+    return mine + [None] * (max(map(len, per_rank)) - len(mine))
+
+
+def cpu(t):
+    return None if t is None else t.cpu()
+
+
+def reduce_over_ranks(S, U):
+    """Under torchrun: the update's statistics, token counts and ratio ranges of every rank
+    combined, as one process would have them (sums added, extremes kept). The losses are
+    already global (train_mini_batch)."""
+    updates = [d for d in U["dump"] if d["loss"] is not None]
+    shares = distributed.gather(({k: float(v) for k, v in U["stats"].items()}, U["train_tokens"],
+                                 [(d["ratio_min"], d["ratio_max"]) for d in updates]), S.dist)
+    total = {}
+    for stats, _, _ in shares:
+        for k, v in stats.items():
+            pick = max if k.endswith("_max") else min if k.endswith("_min") else (lambda a, b: a + b)
+            total[k] = pick(total[k], v) if k in total else v
+    U["stats"] = {k: torch.tensor(v) for k, v in total.items()}
+    U["train_tokens"] = sum(t for _, t, _ in shares)
+    for j, d in enumerate(updates):
+        d["ratio_min"] = min(ranges[j][0] for _, _, ranges in shares)
+        d["ratio_max"] = max(ranges[j][1] for _, _, ranges in shares)
 
 
 def train_mini_batch(S, chunk, on_policy, U):
@@ -520,20 +629,24 @@ def train_mini_batch(S, chunk, on_policy, U):
     if args.beta == 0 and args.zero_advantage == "skip":
         chunk = [s for s in chunk if s.advantage != 0]
     loss_sum, ratios = 0.0, []  # loss kept on the device: one host read per update
-    for mb in grpo.micro_batches(chunk, S.micro_tokens):
+    for mb in rank_micro_batches(S, chunk):  # under torchrun: this rank's share, padded
         loss, st = grpo.policy_loss(
-            S.model, mb, pad_id=S.tokenizer.pad_token_id, temperature=args.temperature, eps_low=args.eps_low,
-            eps_high=args.eps_high, beta=args.beta, kl_estimator=args.kl_estimator,
+            S.model, mb or chunk[:1], pad_id=S.tokenizer.pad_token_id, temperature=args.temperature,
+            eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, kl_estimator=args.kl_estimator,
             aggregation=args.loss_aggregation, num_sequences=num_seq, num_tokens=num_tok,
             norm_length=args.max_new_tokens, on_policy=on_policy,
             rollout_correction=args.rollout_correction, correction_cap=args.rollout_correction_cap)
+        if mb is None:  # a stand-in pass: joins the collectives, adds nothing
+            (loss * 0.0).backward()
+            continue
         loss.backward()
         loss_sum = loss_sum + loss.detach()
         accumulate_stats(U["stats"], st)
         U["train_tokens"] += sum(len(s.prompt_ids) + len(s.completion_ids) for s in mb)
         if args.dump_rollouts and st["n_tokens"] > 0:
             ratios += [float(st["ratio_min"]), float(st["ratio_max"])]
-    return float(loss_sum), (min(ratios, default=1.0), max(ratios, default=1.0))
+    loss_value = distributed.all_sum(float(loss_sum), S.dist)  # the whole mini-batch's, on every rank
+    return loss_value, (min(ratios, default=1.0), max(ratios, default=1.0))
 
 
 def accumulate_stats(total, st):
@@ -577,6 +690,8 @@ def log_step(S, step, lr, R, samples, U, progress):
         ev = evaluate_heldout(S)
         if ev:
             rec.update({f"eval/{k}": v for k, v in flatten(ev).items()})
+    if not S.dist.main:  # under torchrun rank 0 alone writes and prints
+        return
     S.run.log(rec)
     if args.dump_rollouts:
         dump_rollouts(args.dump_rollouts, step, samples, U)
@@ -603,7 +718,8 @@ def evaluate_heldout(S):
     accuracy, overall and per difficulty level; the same random stream every time."""
     if not S.eval_problems:
         return None
-    args, model = S.args, S.model
+    args = S.args
+    model = distributed.replica(S.model, S.dist, S.dtype)  # under torchrun every rank evaluates it all
     model.eval()
     with torch.no_grad():
         sampled = minirl.generate(model, S.eval_ids, n=args.eval_samples, max_new_tokens=args.max_new_tokens,
@@ -625,8 +741,14 @@ def evaluate_heldout(S):
 def finish(S, eval_before):
     """The final model, and the held-out table before / after."""
     final_dir = os.path.join(S.run.path, "final")
-    minirl.save_model(S.model, final_dir, tokenizer=S.tokenizer)
+    weights = distributed.full_state_dict(S.model, S.dist)  # under torchrun: on rank 0, one tensor at a time
+    if S.dist.main:
+        minirl.save_model(distributed.FullWeights(weights, S.model.config) if S.dist.on else S.model, final_dir,
+                          tokenizer=S.tokenizer)
+    del weights
     eval_after = evaluate_heldout(S)
+    if not S.dist.main:
+        return
     atomic_write_json(os.path.join(S.run.path, "summary.json"),
                       {"eval_before": eval_before, "eval_after": eval_after, "final_model": final_dir})
     if eval_after:

@@ -20,6 +20,11 @@ apply_update -> log_step); at the end the held-out set again, as a before/after 
 Run folder (--out): args.json, metrics.jsonl, checkpoints/step_N (HF folder + optimizer
 state; `--resume` continues exactly), final/ (HF folder), summary.json (held-out loss and,
 for the default task data, held-out accuracy, before and after training).
+
+More than one GPU: `torchrun --nproc_per_node N train_sft.py ...` gives each rank every N-th
+row of each step (global token denominators, so the update equals one process's up to
+rounding), shards weights, gradients and AdamW state with FSDP2, writes sharded (DCP)
+checkpoints, and rank 0 alone prints and writes. See minirl/distributed.py, docs/distributed.md.
 """
 import argparse
 import importlib.util
@@ -32,6 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
+from minirl import distributed
 from minirl.checkpoint import load_model, read_config, resolve_model_path, save_model
 from minirl.common import BUNDLED_MODEL as DEFAULT_MODEL
 from minirl.common import MinirlError, atomic_write_json, default_device, default_dtype, make_generator, parse_dtype
@@ -340,18 +346,20 @@ def plan_steps(args, train):
                            targets_of=targets_of)
 
 
-def open_run(args):
+def open_run(args, dist):
     """The run folder, and the checkpoint to resume from (None: a new run). Written only now,
-    after every input was checked."""
+    after every input was checked; under torchrun rank 0 alone writes and chooses."""
     run = RunDir(args.out)
     # --resume with no checkpoint yet starts the run (so a preemptible job can always pass it).
-    ckpt, notes = run.resume_checkpoint() if args.resume else (None, [])
+    ckpt, notes = distributed.from_main(run.resume_checkpoint, dist) if args.resume else (None, [])
     for note in notes:  # damaged checkpoints skipped, leftovers of an interrupted save removed
         print(note, flush=True)
     saved_path = os.path.join(args.out, "args.json")
     if ckpt is not None and os.path.exists(saved_path):
         with open(saved_path, encoding="utf-8") as f:
             check_resume_args(json.load(f), settings(args), MAY_CHANGE_ON_RESUME, args.out)
+    if not dist.main:
+        return run, ckpt
     if ckpt is None:
         if args.resume:
             print(f"--resume: no checkpoint in {args.out} yet; starting the run")
@@ -367,9 +375,13 @@ def settings(args):
     return {k: v for k, v in vars(args).items() if k not in ("torch_device", "torch_dtype", "levels")}
 
 
-def build_model(args, config, ckpt, run):
-    """(model, optimizer, first step, saved loop state) from the checkpoint, --init-config or --model."""
+def build_model(args, config, ckpt, run, dist):
+    """(model, optimizer, first step, saved loop state) from the checkpoint, --init-config or --model.
+    Under torchrun the weights are fp32 and sharded (FSDP2: they are the master weights),
+    and compute runs in --dtype."""
     device, dtype = args.torch_device, args.torch_dtype
+    if dist.on or distributed.is_sharded_checkpoint(ckpt):
+        return build_sharded_model(args, config, ckpt, run, dist)
     start_step, extra = 0, {}
     if ckpt is not None:
         model, state = load_checkpoint(ckpt, device, dtype)
@@ -380,10 +392,7 @@ def build_model(args, config, ckpt, run):
         model.to(device=device, dtype=dtype)
     else:
         model = load_model(args.model, device=device, dtype=dtype)
-    model.train()
-    model.gradient_checkpointing = use_gradient_checkpointing(args.gradient_checkpointing, device)
-    optimizer = MasterAdamW(model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                            weight_decay=args.weight_decay)
+    model, optimizer = prepare(model, args)
     if ckpt is not None:
         optimizer.load_state_dict(state["optimizer"])
         for note in run.truncate_metrics(start_step):
@@ -395,13 +404,57 @@ def build_model(args, config, ckpt, run):
     return model, optimizer, start_step, extra
 
 
+def prepare(model, args):
+    """Training mode, gradient checkpointing, and the optimizer (fp32 master weights)."""
+    model.train()
+    model.gradient_checkpointing = use_gradient_checkpointing(args.gradient_checkpointing, args.torch_device)
+    optimizer = MasterAdamW(model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                            weight_decay=args.weight_decay)
+    return model, optimizer
+
+
+# ---------------------------------------------------------------- more than one process (torchrun)
+
+
+def build_sharded_model(args, config, ckpt, run, dist):
+    """build_model under torchrun, or for a checkpoint written under torchrun: fp32 weights
+    (from --model / --init-config, then the checkpoint's shards: DCP reshards them to this
+    run's number of ranks), FSDP2 over the ranks, compute in --dtype."""
+    if args.init_config:
+        model = Transformer(config)
+        model.init_weights(args.init_std, generator=make_generator(args.seed, "init-weights"))
+        model.to(device=args.torch_device)
+    else:
+        model = load_model(args.model, device=args.torch_device, dtype=torch.float32)
+    model = distributed.shard(model, dist, compute_dtype=args.torch_dtype)
+    model, optimizer = prepare(model, args)
+    start_step, extra = 0, {}
+    if ckpt is not None:
+        state, resharded = distributed.load_checkpoint(ckpt, model, optimizer, dist)
+        start_step, extra = state["step"], state["extra"]
+        if dist.main:
+            for note in run.truncate_metrics(start_step):
+                print(note, flush=True)
+        print(f"resumed from {ckpt} at step {start_step}{resharded}")
+    if not dist.on and args.torch_dtype != torch.float32:  # one process: compute weights + fp32 masters
+        sd = {"opt": optimizer.opt.state_dict(), "master": [p.detach().clone() for p in model.parameters()]}
+        model, optimizer = prepare(model.to(args.torch_dtype), args)
+        optimizer.load_state_dict(sd)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.init_config or args.model} ({n_params / 1e6:.2f}M parameters, fp32 sharded over "
+          f"{dist.world} rank(s), compute {args.torch_dtype}, {args.torch_device}); run folder: {args.out}")
+    return model, optimizer, start_step, extra
+
+
 # ---------------------------------------------------------------- held-out evaluation
 
 
-def evaluate(model, data, args, tokenizer, accuracy=True):
+def evaluate(model, data, args, tokenizer, dist, accuracy=True):
     """Held-out loss (mean -log p over the held-out response tokens) and, for task problems,
     held-out accuracy: greedy, and pass@1 as the mean over --eval-samples samples at
-    temperature 1 (one seeded stream, the same before and after training)."""
+    temperature 1 (one seeded stream, the same before and after training). Under torchrun
+    every rank computes it on a plain replica of the weights (the same numbers everywhere)."""
+    model = distributed.replica(model, dist, args.torch_dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_ids[0]
     result = {"examples": len(data.val), "loss": None, "accuracy": None}
     if data.val:
@@ -468,22 +521,29 @@ def before_after_table(before, after):
 # ---------------------------------------------------------------- one optimizer step
 
 
-def accumulate_gradients(model, train, step_rows, plan, args, pad_id):
+def accumulate_gradients(model, train, step_rows, plan, args, pad_id, dist):
     """Forward and backward of one step's rows, micro-batch by micro-batch. Returns the
-    step loss (mean -log p over the step's response tokens), its tokens and response tokens."""
-    # Normalise by the target tokens of the whole step, so the layout (packing, padding,
-    # micro-batches) changes nothing but rounding.
+    step loss (mean -log p over the step's response tokens), its tokens and response tokens.
+    Under torchrun each rank takes every N-th row (distributed.split) and FSDP2 sums the
+    gradients."""
+    # Normalise by the target tokens of the whole step (all ranks), so the layout (packing,
+    # padding, micro-batches, ranks) changes nothing but rounding.
     n_targets = sum(plan.targets_of[i] for row in step_rows for i in row)
     n_tokens = sum(plan.lengths[i] for row in step_rows for i in row)
+    per_rank = [micro_batches(rows, plan.lengths, not args.no_packing, args.max_len, args.tokens_per_micro_batch)
+                for rows in distributed.shares(step_rows, dist)]  # one share without torchrun
+    mine = per_rank[dist.rank]
     loss_sum = torch.zeros((), device=args.torch_device)
-    for mb in micro_batches(step_rows, plan.lengths, not args.no_packing, args.max_len,
-                            args.tokens_per_micro_batch):
-        batch = collate(train, mb, pad_id, args.torch_device)
+    # Each forward/backward is a collective under FSDP2: a rank with fewer micro-batches runs
+    # zero-weighted ones on a stand-in row until every rank has run as many.
+    for k in range(max(map(len, per_rank))):
+        weight = 1.0 if k < len(mine) else 0.0
+        batch = collate(train, mine[k] if k < len(mine) else step_rows[:1], pad_id, args.torch_device)
         logp = response_logprobs(model, batch)  # [N] fp32
-        loss = -logp.sum() / n_targets
+        loss = -logp.sum() * weight / n_targets
         loss.backward()
         loss_sum += loss.detach()
-    return float(loss_sum), n_tokens, n_targets  # the step's one host synchronisation
+    return distributed.all_sum(float(loss_sum), dist), n_tokens, n_targets  # the step's one host sync
 
 
 def apply_update(model, optimizer, loss_value, args, bad_steps, step):
@@ -515,12 +575,18 @@ def log_step(run, progress, record, ev, total):
     print(f"{line} | {progress.eta(record['step'])}", flush=True)
 
 
-def finish(args, run, model, tokenizer, data, before, after, t_start):
-    """final/, then summary.json and the before/after table: did the training help?"""
+def finish(args, run, model, tokenizer, data, before, after, t_start, dist):
+    """final/, then summary.json and the before/after table: did the training help?
+    Under torchrun rank 0 writes final/ from the gathered weights (one tensor at a time)."""
     final = os.path.join(args.out, "final")
-    save_model(model, final, tokenizer=tokenizer)
+    weights = distributed.full_state_dict(model, dist)
+    if dist.main:
+        save_model(distributed.FullWeights(weights, model.config) if dist.on else model, final, tokenizer=tokenizer)
+    del weights
     if after is None:  # resumed from the last step's checkpoint: measure now
-        after = evaluate(model, data, args, tokenizer)
+        after = evaluate(model, data, args, tokenizer, dist)
+    if not dist.main:
+        return final
     summary = {"heldout_before": before, "heldout_after": after,
                "eval_problem_ids": [p.id for p in data.eval_problems], "final_model": final,
                "steps": run_steps(run), "time_s": round(time.time() - t_start, 1)}
@@ -542,19 +608,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     t_start = time.time()
     check_flags(args)
+    dist = distributed.init(args.torch_device)  # one process without torchrun
+    args.torch_device = dist.device
+    distributed.quiet_unless_main(dist)
     tokenizer, config = load_tokenizer_and_config(args)
     resolve_defaults(args, config)
     data = load_data(args, tokenizer)
     plan = plan_steps(args, data.train)
     print(f"held out: {len(data.val)} examples, {len(data.eval_problems)} problems graded")
-    run, ckpt = open_run(args)
-    model, optimizer, start_step, extra = build_model(args, config, ckpt, run)
+    run, ckpt = open_run(args, dist)
+    model, optimizer, start_step, extra = build_model(args, config, ckpt, run, dist)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_ids[0]
 
     before = extra.get("before")
     if before is None:
-        before = evaluate(model, data, args, tokenizer)
-        if eval_fields(before):
+        before = evaluate(model, data, args, tokenizer, dist)
+        if eval_fields(before) and dist.main:
             run.log({"step": 0, **eval_fields(before)})
         print(f"held-out before training: {describe(before)}")
     bad_steps = BadSteps(args.max_bad_steps)
@@ -567,7 +636,8 @@ def main(argv=None):
         epoch, j = plan.step_epoch[step]
         lr = lr_at(step, args.lr, args.warmup_steps, plan.total, args.lr_schedule, args.min_lr_ratio)
         optimizer.set_lr(lr)
-        loss, n_tokens, n_targets = accumulate_gradients(model, data.train, plan.epochs[epoch][j], plan, args, pad_id)
+        loss, n_tokens, n_targets = accumulate_gradients(model, data.train, plan.epochs[epoch][j], plan, args, pad_id,
+                                                         dist)
         grad_norm, applied = apply_update(model, optimizer, loss, args, bad_steps, step + 1)
         tokens_seen += n_tokens
         done = step + 1
@@ -581,18 +651,25 @@ def main(argv=None):
             record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(args.torch_device) / 1e9, 3)
         ev = None
         if done == plan.total:
-            ev = after = evaluate(model, data, args, tokenizer)
+            ev = after = evaluate(model, data, args, tokenizer, dist)
         elif args.eval_every and done % args.eval_every == 0:
-            ev = evaluate(model, data, args, tokenizer, accuracy=False)
-        log_step(run, progress, record, ev, plan.total)
+            ev = evaluate(model, data, args, tokenizer, dist, accuracy=False)
+        if dist.main:
+            log_step(run, progress, record, ev, plan.total)
         extra = {"tokens": tokens_seen, "bad_in_row": bad_steps.in_row, "before": before}
         if done in (plan.total, last_step) or (args.save_every and done % args.save_every == 0):
-            run.save_checkpoint(done, model, tokenizer, optimizer, extra=extra, keep_last=args.keep_last)
+            if dist.on:  # every rank writes its shards
+                distributed.save_checkpoint(run, done, model, optimizer, tokenizer, dist, extra, args.keep_last)
+            else:
+                run.save_checkpoint(done, model, tokenizer, optimizer, extra=extra, keep_last=args.keep_last)
 
     if last_step < plan.total:
         print(f"stopped after step {last_step} (--stop-after); continue with --resume --out {args.out}")
-        return None
-    return finish(args, run, model, tokenizer, data, before, after, t_start)
+        final = None
+    else:
+        final = finish(args, run, model, tokenizer, data, before, after, t_start, dist)
+    distributed.close(dist)
+    return final
 
 
 if __name__ == "__main__":

@@ -318,9 +318,10 @@ def verify_checkpoint(ckpt_dir: str):
     elif not os.path.exists(state_path):
         return "trainer_state.pt missing"
     model_dir = os.path.join(ckpt_dir, "model")
+    sharded = os.path.exists(os.path.join(ckpt_dir, ".metadata"))  # DCP (minirl.distributed): no weights in model/
     try:
         read_config(model_dir)
-        for path in weight_files(model_dir):
+        for path in [] if sharded else weight_files(model_dir):
             read_safetensors_header(path)
     except MinirlError as e:
         return str(e).replace(ckpt_dir + os.sep, "")
@@ -359,11 +360,20 @@ def run_main(main):
     try:
         main()
     except MinirlError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say_once(e)
         sys.exit(2)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say_once(e)
         sys.exit(1)
+
+
+def _say_once(error):
+    """Under torchrun every rank fails alike: rank 0 prints the line; the others wait a
+    moment before exiting, since torchrun stops every rank as soon as one exits."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(3)
 
 
 class BadSteps:

@@ -218,8 +218,9 @@ def test_micro_batch_budget_does_not_change_the_update(tmp_path):
 def test_first_pass_ratio_is_one_at_any_temperature(tmp_path, temperature):
     """The first update of an off-policy step sees the rollout policy itself: ratio 1 up to
     rounding, whatever the temperature (the old and new log-probs use the same one)."""
+    # --seed 6: rollouts where several groups have a non-zero advantage (something to learn)
     metrics, dump, _ = run_step(tmp_path, "--temperature", temperature, "--epochs-per-rollout", 2,
-                                "--mini-batches", 2, "--micro-batch-tokens", 50)
+                                "--mini-batches", 2, "--micro-batch-tokens", 50, "--seed", 6)
     first = dump["updates"][0]
     assert abs(first["ratio_min"] - 1) < 1e-5 and abs(first["ratio_max"] - 1) < 1e-5, first
     assert max(abs(u["ratio_max"] - 1) for u in dump["updates"][1:]) > 1e-3  # later ones moved
