@@ -328,7 +328,7 @@ def build_random_qwen(folder):
     from minirl.model import ModelConfig, Transformer
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
-    model = Transformer(ModelConfig(**QWEN25_05B))
+    model = Transformer(ModelConfig.from_hf(QWEN25_05B))
     model.init_weights(0.02, generator=torch.Generator().manual_seed(0))
     minirl.save_model(model.to(torch.bfloat16), folder, tokenizer=minirl.load_tokenizer(BUNDLED_MODEL))
     return folder
