@@ -44,17 +44,17 @@ def metrics(out):
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
-def grpo_flags(tmp_path, out, steps):
+def grpo_flags(tmp_path, out, steps, device="cpu"):
     reward = tmp_path / "reward.py"
     reward.write_text(REWARD_FILE)
-    return ["--dtype", "bf16", "--device", "cpu", "--steps", steps, "--prompts-per-step", 4,
+    return ["--dtype", "bf16", "--device", device, "--steps", steps, "--prompts-per-step", 4,
             "--num-samples", 4, "--max-new-tokens", 24, "--train-problems", 64, "--eval-problems", 0,
             "--reward", f"{reward}:spread", "--lr", 1e-4, "--warmup-steps", 0, "--save-every", 1,
             "--out", out, "--seed", 5]
 
 
-def sft_flags(out, steps):
-    return ["--dtype", "bf16", "--device", "cpu", "--max-steps", steps, "--train-problems", 64,
+def sft_flags(out, steps, device="cpu"):
+    return ["--dtype", "bf16", "--device", device, "--max-steps", steps, "--train-problems", 64,
             "--max-len", 128, "--batch-tokens", 512, "--tokens-per-micro-batch", 256,
             "--lr", 1e-4, "--warmup-steps", 0, "--eval-every", 0, "--save-every", 1,
             "--out", out, "--seed", 5]
