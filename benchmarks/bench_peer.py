@@ -319,18 +319,21 @@ def child(args):
 
 
 def build_random_qwen(folder):
-    """A random bf16 Qwen2.5-0.5B-shaped folder with the SmolLM2 tokenizer's files replaced by
-    a tokenizer whose ids fit (the bundled model's, padded vocabulary): speed only."""
+    """A random bf16 Qwen2.5-0.5B-shaped folder (speed does not depend on the weights) with
+    gpu_check.py's synthetic tokenizer: characters plus filler tokens up to 151,936, so every
+    id the model samples decodes on both sides."""
     import torch
 
     import minirl
-    from minirl.common import BUNDLED_MODEL
     from minirl.model import ModelConfig, Transformer
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_check import synthetic_tokenizer
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
-    model = Transformer(ModelConfig.from_hf(QWEN25_05B))
-    model.init_weights(0.02, generator=torch.Generator().manual_seed(0))
-    minirl.save_model(model.to(torch.bfloat16), folder, tokenizer=minirl.load_tokenizer(BUNDLED_MODEL))
+    with torch.device("cuda"):
+        model = Transformer(ModelConfig.from_hf(QWEN25_05B)).to(torch.bfloat16)
+    model.init_weights(0.02, generator=torch.Generator(device="cuda").manual_seed(0))
+    minirl.save_model(model, folder, tokenizer=synthetic_tokenizer(QWEN25_05B["vocab_size"]))
     return folder
 
 
@@ -352,7 +355,7 @@ def med(res, key):
 
 
 def report(results, args):
-    print(f"\nmedians over {args.steps} measured steps (after 1 warm-up step); ratio = TRL / minirl")
+    print(f"\nmedians over {args.steps} measured steps (after 1 warm-up step); ratio = TRL / minirl", flush=True)
     print(f"{'step':14s} {'library':7s} {'CPU s':>8s} {'wall s':>8s} {'peak GiB':>9s} {'gen CPU s':>10s} "
           f"{'zero-var':>9s} {'tokens':>7s}")
     lines = []
@@ -374,7 +377,7 @@ def report(results, args):
             ratio = med(b, "cpu_s") / med(a, "cpu_s")
             lines.append(f"{algo}: CPU-time ratio TRL/minirl {ratio:.2f}x (wall {med(b, 'wall_s') / med(a, 'wall_s'):.2f}x)"
                          + (f"; goal >= {goal}x: {'met' if ratio >= goal else 'NOT met'}" if args.device == "cpu" else ""))
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 def main():
@@ -384,6 +387,7 @@ def main():
     p.add_argument("--only", choices=["grpo", "sft"], default=None)
     p.add_argument("--gpu", action="store_true", help="CUDA, random bf16 Qwen2.5-0.5B shape")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    p.add_argument("--json", default=None, help="append each run's measured steps to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -411,7 +415,12 @@ def main():
         if args.only and not algo.startswith(args.only):
             continue
         print(f"running {algo} / {lib} ...", flush=True)
-        results[(algo, lib)] = run_child(args, algo, lib)
+        results[(algo, lib)] = r = run_child(args, algo, lib)
+        # Each run's steps as soon as it ends (a long benchmark keeps what it measured).
+        print(json.dumps({"run": f"{algo}:{lib}", "load_avg": os.getloadavg()[0], **r}), flush=True)
+        if args.json:
+            with open(args.json, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"run": f"{algo}:{lib}", **r}) + "\n")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     report(results, args)
 
