@@ -142,6 +142,7 @@ def render_jinja_template(template: str, messages, add_generation_prompt: bool, 
     """Render with the Jinja settings transformers uses (trim_blocks, lstrip_blocks,
     loopcontrols, raise_exception, strftime_now, tojson without ASCII escaping)."""
     import jinja2
+    import jinja2.ext  # not imported by `import jinja2` (transformers happens to import it)
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
