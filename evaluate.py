@@ -220,16 +220,60 @@ def read_done_chunks(path, chunk_size, n, problem_ids):
 
 
 def cmd_sample(args):
+    """Setup (every input checked, nothing written), then rounds of chunks."""
     import minirl
     from minirl import distributed
-    from minirl.banned import BannedWords
-    from minirl.common import MinirlError, atomic_write_json, atomic_write_text, parse_dtype
-    from minirl.checkpoint import read_config, resolve_model_path
-    from minirl.data import format_prompt, prompt_add_special_tokens
-    from minirl.grader import extract_answer, grade
+    from minirl.common import atomic_write_json, atomic_write_text, parse_dtype
     from minirl.training import Progress
 
     check_sample_args(args)
+    job = plan_sampling(args)
+    dist = distributed.init(args.device)  # torchrun: chunks split over ranks; without it, one process
+    distributed.quiet_unless_main(dist)
+    device = dist.device if args.device or dist.on else None
+    model = minirl.load_model(args.model, device=device, dtype=parse_dtype(args.dtype))
+    distributed.barrier(dist)  # every rank has read the files before rank 0 rewrites them
+    if dist.main:
+        atomic_write_json(job.settings_path, job.settings)  # the first file written: every input is known good
+        atomic_write_text(job.out, "".join(json.dumps(o) + "\n" for o in job.done))  # drop a partial chunk
+    n_problems, size = len(job.problems), args.chunk_problems
+    start_problem = len(job.done) // args.n
+    chunks = list(range(-(-start_problem // size), -(-n_problems // size)))
+    progress = Progress(n_problems, start_problem)
+    if start_problem:
+        print(f"resuming {job.out}: {start_problem}/{n_problems} problems already sampled", flush=True)
+    tokens_total, t0 = 0, time.time()
+    # Rounds of one chunk per rank (one chunk per round on one process); rank 0 appends the
+    # round's chunks in chunk order, so the file is the same for any number of ranks.
+    for r in range(0, len(chunks), dist.world):
+        round_chunks = chunks[r:r + dist.world]
+        mine = sample_chunk(args, job, model, round_chunks[dist.rank]) if dist.rank < len(round_chunks) else []
+        for c, lines in zip(round_chunks, distributed.gather(mine, dist)):
+            if dist.main:
+                with open(job.out, "a", encoding="utf-8") as f:  # one write per chunk: whole chunks only
+                    f.write("".join(json.dumps(o) + "\n" for o in lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+            tokens_total += sum(o["num_tokens"] for o in lines)
+            done_problems = min(n_problems, (c + 1) * size)
+            print(f"sampled {done_problems}/{n_problems} problems | "
+                  f"{tokens_total / max(time.time() - t0, 1e-9):.0f} tok/s | {progress.eta(done_problems)}", flush=True)
+    distributed.close(dist)
+    print(f"samples: {job.out}")
+    return job.out
+
+
+def plan_sampling(args):
+    """Problems, encoded prompts, settings and the whole chunks already in --out, every input
+    checked and nothing written yet."""
+    from types import SimpleNamespace
+
+    import minirl
+    from minirl.banned import BannedWords
+    from minirl.checkpoint import read_config, resolve_model_path
+    from minirl.common import MinirlError
+    from minirl.data import format_prompt, prompt_add_special_tokens
+
     bundled = os.path.normpath(args.model) == os.path.normpath(DEMO_MODEL)
     template = args.template or ("raw" if bundled else "boxed")
     max_new = args.max_new_tokens or (64 if bundled else 3000)
@@ -239,12 +283,12 @@ def cmd_sample(args):
         raise MinirlError("no problems to sample")
     tokenizer = minirl.load_tokenizer(args.model)
     add_special = prompt_add_special_tokens(template, tokenizer)  # a chat template writes its own BOS
-    all_prompts = [tokenizer.encode(format_prompt(p.question, template, tokenizer), add_special_tokens=add_special)
-                   for p in problems]
+    prompts = [tokenizer.encode(format_prompt(p.question, template, tokenizer), add_special_tokens=add_special)
+               for p in problems]
     context = read_config(resolve_model_path(args.model)).max_position_embeddings
-    longest = max(range(len(problems)), key=lambda i: len(all_prompts[i]))
-    if len(all_prompts[longest]) + max_new > context:
-        raise MinirlError(f"problem {problems[longest].id}: {len(all_prompts[longest])} prompt tokens + "
+    longest = max(range(len(problems)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) + max_new > context:
+        raise MinirlError(f"problem {problems[longest].id}: {len(prompts[longest])} prompt tokens + "
                           f"--max-new-tokens {max_new} exceed the model's context ({context})")
     settings = {"model": args.model, "label": args.label or label_of(args.model), "n": args.n,
                 "template": template, "temperature": args.temperature, "top_p": args.top_p,
@@ -258,62 +302,35 @@ def cmd_sample(args):
         diff = [k for k in settings if k != "label" and old.get(k) != settings[k]]
         if diff:
             raise MinirlError(f"{out} exists with other settings ({', '.join(diff)}); use another --out")
-    ids = [p.id for p in problems]
-    done = read_done_chunks(out, args.chunk_problems, args.n, ids)  # refuses a foreign file before any work
+    done = read_done_chunks(out, args.chunk_problems, args.n, [p.id for p in problems])  # refuses a foreign file
     banned = BannedWords(tokenizer, args.banned_words) if args.banned_words else None
-    dist = distributed.init(args.device)  # torchrun: chunks split over ranks; without it, one process
-    distributed.quiet_unless_main(dist)
-    device = dist.device if args.device or dist.on else None
-    model = minirl.load_model(args.model, device=device, dtype=parse_dtype(args.dtype))
-    distributed.barrier(dist)  # every rank has read the files before rank 0 rewrites them
-    if dist.main:
-        atomic_write_json(settings_path, settings)  # the first file written: every input is known good
-        atomic_write_text(out, "".join(json.dumps(o) + "\n" for o in done))  # drop a partial chunk
-    start_problem = len(done) // args.n
-    chunks = range(-(-start_problem // args.chunk_problems), -(-len(problems) // args.chunk_problems))
-    progress = Progress(len(problems), start_problem)
-    if start_problem:
-        print(f"resuming {out}: {start_problem}/{len(problems)} problems already sampled", flush=True)
-    tokens_total, t0 = 0, time.time()
+    return SimpleNamespace(problems=problems, prompts=prompts, tokenizer=tokenizer, max_new=max_new, out=out,
+                           settings=settings, settings_path=settings_path, done=done, banned=banned)
 
-    def sample_chunk(c):
-        """The sample lines of chunk c (its own seed: the same lines on any rank)."""
-        chunk = problems[c * args.chunk_problems:(c + 1) * args.chunk_problems]
-        prompts = all_prompts[c * args.chunk_problems:(c + 1) * args.chunk_problems]
-        groups = minirl.generate(model, prompts, n=args.n, max_new_tokens=max_new, temperature=args.temperature,
-                                 top_p=args.top_p, top_k=args.top_k, stop_token_ids=tokenizer.eos_token_ids,
-                                 banned_words=banned, seed=args.seed * 1_000_003 + c)
-        lines = []
-        for p, group in zip(chunk, groups):
-            for j, comp in enumerate(group):
-                text = tokenizer.decode(comp.token_ids)
-                g = grade(text, p.answer, backend=args.grader) if not is_task(p) else None
-                correct = g.correct if g else task_verify(p, text)
-                lines.append({"problem_id": p.id, "difficulty": p.difficulty, "gold": p.answer,
-                              "question": p.question, "sample_index": j, "response": text,
-                              "num_tokens": len(comp.token_ids), "finish_reason": comp.finish_reason,
-                              "answer": g.answer if g else extract_answer(text), "correct": bool(correct)})
-        return lines
 
-    # Rounds of one chunk per rank (one chunk per round on one process); rank 0 appends the
-    # round's chunks in chunk order, so the file is the same for any number of ranks.
-    chunks = list(chunks)
-    for r in range(0, len(chunks), dist.world):
-        round_chunks = chunks[r:r + dist.world]
-        mine = sample_chunk(round_chunks[dist.rank]) if dist.rank < len(round_chunks) else []
-        for c, lines in zip(round_chunks, distributed.gather(mine, dist)):
-            if dist.main:
-                with open(out, "a", encoding="utf-8") as f:  # one write per chunk: whole chunks only
-                    f.write("".join(json.dumps(o) + "\n" for o in lines))
-                    f.flush()
-                    os.fsync(f.fileno())
-            tokens_total += sum(o["num_tokens"] for o in lines)
-            done_problems = min(len(problems), (c + 1) * args.chunk_problems)
-            print(f"sampled {done_problems}/{len(problems)} problems | "
-                  f"{tokens_total / max(time.time() - t0, 1e-9):.0f} tok/s | {progress.eta(done_problems)}", flush=True)
-    distributed.close(dist)
-    print(f"samples: {out}")
-    return out
+def sample_chunk(args, job, model, c):
+    """The sample lines of chunk c. Its random stream depends only on (--seed, c): the same
+    lines on any rank, in any run."""
+    import minirl
+    from minirl.common import make_generator
+    from minirl.grader import extract_answer, grade
+
+    size = args.chunk_problems
+    chunk, prompts = job.problems[c * size:(c + 1) * size], job.prompts[c * size:(c + 1) * size]
+    groups = minirl.generate(model, prompts, n=args.n, max_new_tokens=job.max_new, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, stop_token_ids=job.tokenizer.eos_token_ids,
+                             banned_words=job.banned, generator=make_generator(args.seed, "evaluate-chunk", c))
+    lines = []
+    for p, group in zip(chunk, groups):
+        for j, comp in enumerate(group):
+            text = job.tokenizer.decode(comp.token_ids)
+            g = grade(text, p.answer, backend=args.grader) if not is_task(p) else None
+            correct = g.correct if g else task_verify(p, text)
+            lines.append({"problem_id": p.id, "difficulty": p.difficulty, "gold": p.answer,
+                          "question": p.question, "sample_index": j, "response": text,
+                          "num_tokens": len(comp.token_ids), "finish_reason": comp.finish_reason,
+                          "answer": g.answer if g else extract_answer(text), "correct": bool(correct)})
+    return lines
 
 
 def is_task(problem):

@@ -142,14 +142,6 @@ def use_gradient_checkpointing(flag: str, device) -> bool:
     return flag == "on" or (flag == "auto" and torch.device(device).type == "cuda")
 
 
-def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
-    """The generator for one step's randomness: seeded by (seed, step) so a resumed run draws
-    exactly what an uninterrupted one would."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2**63))
-    return g
-
-
 # ---------------------------------------------------------------- run folder
 
 
