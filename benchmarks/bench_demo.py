@@ -43,9 +43,14 @@ def main():
         print(f"\n== python {script}: {seconds / 60:.1f} min")
         if script == "train_grpo.py":
             print(out[out.index("held-out pass@1"):].strip())
+        if script == "train_sft.py":
+            print(out[out.index("held-out, before -> after SFT"):].strip())
         if script == "evaluate.py":
             print("\n".join(ln for ln in out.splitlines() if "accuracy" in ln))
-    report = json.load(open(sorted(glob.glob(os.path.join(work, "runs", "eval-*", "report", "report.json")))[-1]))
+    report_dir = sorted(glob.glob(os.path.join(work, "runs", "eval-*", "report")))[-1]
+    print(f"report: {report_dir}")
+    with open(os.path.join(report_dir, "report.json")) as f:
+        report = json.load(f)
     print("\nper level: success rate (pass@1) / solved at least once (pass@n), %")
     for m in report["models"]:
         cells = [f"L{row['group']} {100 * row['success_rate']:.1f}/{100 * row['solved_fraction']:.1f}"
