@@ -1,4 +1,4 @@
-"""A small mutation check to run before (and after) a refactor of the GRPO path; not part of CI.
+"""A small mutation check to run before (and after) a refactor of the GRPO or SFT path; not part of CI.
 
     python tests/mutate.py                 # every mutant
     python tests/mutate.py eps-high temp   # only the mutants whose name contains a word given
@@ -20,6 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WIRING = ["tests/test_wiring.py"]
+SFT_WIRING = ["tests/test_sft_wiring.py"]
+SFT_SUMMARY = ["tests/test_sft.py", "-k", "before_after"]
 UNIT = ["tests/test_grpo.py", "-k", "not learns and not resume and not bad_input and not non_finite",
         "tests/test_losses.py"]
 
@@ -57,6 +59,33 @@ MUTANTS = [
     ("kl-reference-is-policy", "minirl/grpo.py",
      "ref = pad_rows([s.ref_logprobs for s in samples], width, device) if beta > 0 else None",
      "ref = logp.detach() if beta > 0 else None", WIRING + UNIT),
+    # SFT: each was planted by hand once and caught by the test named in its last field.
+    ("sft-micro-batch-denominator", "train_sft.py",
+     "loss = -logp.sum() * weight / n_targets", "loss = -logp.sum() * weight / max(logp.numel(), 1)", SFT_WIRING),
+    ("sft-prompt-tokens-in-loss", "minirl/sft.py",
+     "            m = np.asarray(s.mask[1:], dtype=bool)", "            m = np.ones(len(s.ids) - 1, dtype=bool)",
+     SFT_WIRING),
+    ("sft-warmup-lr-off-by-one", "train_sft.py", "        lr = lr_at(step, args.lr,", "        lr = lr_at(step + 1, args.lr,",
+     SFT_WIRING),
+    ("sft-grad-clip-dropped", "train_sft.py", "grad_norm_and_finite(model.parameters(), args.grad_clip)",
+     "grad_norm_and_finite(model.parameters(), 0)", SFT_WIRING),
+    ("sft-beta2-dropped", "train_sft.py", "betas=(args.adam_beta1, args.adam_beta2)", "betas=(args.adam_beta1, 0.95)",
+     SFT_WIRING),
+    ("sft-weight-decay-dropped", "train_sft.py", "weight_decay=args.weight_decay)", "weight_decay=0.0)", SFT_WIRING),
+    ("sft-min-lr-ratio-dropped", "train_sft.py", "args.lr_schedule, args.min_lr_ratio)", "args.lr_schedule, 0.0)",
+     SFT_WIRING),
+    ("sft-samples-template-ignored", "train_sft.py", '            args.template = own or "raw"',
+     '            args.template = "raw"', SFT_WIRING),
+    ("sft-max-per-problem-highest-index", "minirl/sft.py", "chosen = sorted(per_problem[pid], key=lambda r: r[0])",
+     "chosen = sorted(per_problem[pid], key=lambda r: -r[0])", SFT_WIRING),
+    ("sft-init-std-ignored", "train_sft.py",
+     'model.init_weights(args.init_std, generator=make_generator(args.seed, "init-weights"))\n        model.to(device=device,',
+     'model.init_weights(0.02, generator=make_generator(args.seed, "init-weights"))\n        model.to(device=device,',
+     SFT_WIRING),
+    ("sft-heldout-sampling-temperature", "train_sft.py", "max_new_tokens=max_new, temperature=1.0,",
+     "max_new_tokens=max_new, temperature=0.7,", SFT_SUMMARY),
+    ("sft-heldout-before-not-resumed", "train_sft.py", '    before = extra.get("before")', "    before = None",
+     SFT_SUMMARY),
 ]
 
 
