@@ -157,3 +157,15 @@ def fp64_logprobs(logits, targets):
     logp_all = torch.log_softmax(logits.double(), dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def metric_lines(run_dir):
+    """A run's metrics.jsonl records without the wall-clock fields (they differ run to run)."""
+    out = []
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            for k in ("tokens_per_s", "time_s"):
+                rec.pop(k, None)
+            out.append(rec)
+    return out

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import minirl
-from conftest import make_tiny_model, rel_err
+from conftest import make_tiny_model, metric_lines, rel_err
 from minirl import distributed
 from minirl.training import verify_checkpoint
 
@@ -123,17 +123,6 @@ def run_script(cmd, cwd, expect=0, timeout=300):
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
-
-
-def metric_lines(run_dir):
-    """metrics.jsonl without the wall-clock fields."""
-    out = []
-    for line in open(os.path.join(run_dir, "metrics.jsonl")):
-        rec = json.loads(line)
-        for k in ("tokens_per_s", "time_s"):
-            rec.pop(k, None)
-        out.append(rec)
-    return out
 
 
 def assert_close_metrics(a, b, tol=1e-5):

@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from conftest import metric_lines  # noqa: E402
 import train_sft  # noqa: E402
 from minirl import MinirlError, load_model  # noqa: E402
 from minirl.common import TrainingDiverged  # noqa: E402
@@ -89,17 +90,6 @@ def base_args(tiny_assets, data, out, *extra):
             *(["--data", str(data)] if data else []), "--out", str(out), "--max-len", "64",
             "--tokens-per-micro-batch", "128",
             "--val-fraction", "0", "--device", "cpu", *extra]
-
-
-def metric_lines(run):
-    """metrics.jsonl without the wall-clock fields (they differ run to run)."""
-    out = []
-    for line in open(os.path.join(run, "metrics.jsonl")):
-        rec = json.loads(line)
-        for k in ("tokens_per_s", "time_s"):
-            rec.pop(k, None)
-        out.append(rec)
-    return out
 
 
 # ------------------------------------------------------------------ the loss
