@@ -114,15 +114,21 @@ def chat_prompt(tok, question):
 
 
 def make_reward(args):
-    """reward(problem, text) -> float: the task's verifier on CPU; random 0/1 on GPU (a random
-    model answers nothing right, and every group would have zero variance)."""
+    """reward(problem index, sample index, problem, text) -> float: the task's verifier on CPU;
+    random 0/1 on GPU (a random model answers nothing right, and every group would have zero
+    variance). With --zero-var-frac F the rewards are set instead of graded, the same on both
+    sides: groups g with (g % 20) < 20 F get 0 for every sample (zero variance, no gradient),
+    the others alternate 0/1 over their samples."""
     import random
 
     from minirl.tasks import verify
+    if args.zero_var_frac is not None:
+        constant = round(20 * args.zero_var_frac)
+        return lambda g, j, problem, text: 0.0 if g % 20 < constant else float(j % 2)
     if args.device == "cuda":
         rng = random.Random(0)
-        return lambda problem, text: float(rng.random() < 0.5)
-    return lambda problem, text: float(verify(problem, text))
+        return lambda g, j, problem, text: float(rng.random() < 0.5)
+    return lambda g, j, problem, text: float(verify(problem, text))
 
 
 # ------------------------------------------------------------------ minirl
@@ -150,18 +156,22 @@ def minirl_grpo(args, meter):
         with torch.no_grad():
             groups = minirl.generate(model, prompt_ids, n=SAMPLES, max_new_tokens=NEW_TOKENS,
                                      temperature=1.0, stop_token_ids=tok.eos_token_ids, seed=k)
-        rewards = torch.tensor([[reward(p, tok.decode(c.token_ids)) for c in g] for p, g in zip(batch, groups)])
+        rewards = torch.tensor([[reward(k * PROMPTS + i, j, p, tok.decode(c.token_ids)) for j, c in enumerate(g)]
+                                for i, (p, g) in enumerate(zip(batch, groups))])
         gen_cpu = time.process_time() - t0
         adv = grpo.group_advantages(rewards, "group")  # [P, n]
         samples = [grpo.Sample(ids, list(c.token_ids), a) for ids, g, row in zip(prompt_ids, groups, adv.tolist())
                    for c, a in zip(g, row)]
         model.train()
         opt.zero_grad()
-        num_tok = sum(len(s.completion_ids) for s in samples)
-        for mb in grpo.micro_batches(samples, micro):
+        num_tok, num_seq = sum(len(s.completion_ids) for s in samples), len(samples)
+        # As train_grpo.py does with beta = 0: a sample with advantage 0 adds nothing to the
+        # gradient, so it is not run at all (the denominators stay those of the whole batch).
+        trained = [s for s in samples if s.advantage != 0]
+        for mb in grpo.micro_batches(trained, micro):
             loss, _ = grpo.policy_loss(model, mb, pad_id=tok.pad_token_id, temperature=1.0, eps_low=0.2,
                                        eps_high=0.2, beta=0.0, kl_estimator="k3", aggregation="token-mean",
-                                       num_sequences=len(samples), num_tokens=num_tok,
+                                       num_sequences=num_seq, num_tokens=num_tok,
                                        norm_length=NEW_TOKENS, on_policy=True)
             loss.backward()
         _, finite = grad_norm_and_finite(model.parameters(), 1.0)
@@ -248,7 +258,8 @@ def trl_grpo(args, meter):
     step_info = {}
 
     def reward_fn(prompts, completions, pid, **kw):
-        r = [reward(problems[i], c) for i, c in zip(pid, completions)]
+        # Completions come grouped: SAMPLES consecutive ones per prompt.
+        r = [reward(i, k % SAMPLES, problems[i], c) for k, (i, c) in enumerate(zip(pid, completions))]
         groups = [r[i:i + SAMPLES] for i in range(0, len(r), SAMPLES)]
         step_info["zero_var_frac"] = sum(max(g) == min(g) for g in groups) / len(groups)
         return r
@@ -342,6 +353,8 @@ def run_child(args, algo, lib):
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{algo}:{lib}", "--model", args.model,
            "--steps", str(args.steps), "--device", args.device]
+    if args.zero_var_frac is not None:
+        cmd += ["--zero-var-frac", str(args.zero_var_frac)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.timeout)
     steps = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{"step"')]
     if proc.returncode != 0 or len(steps) < 2:
@@ -388,6 +401,8 @@ def main():
     p.add_argument("--gpu", action="store_true", help="CUDA, random bf16 Qwen2.5-0.5B shape")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     p.add_argument("--json", default=None, help="append each run's measured steps to this file")
+    p.add_argument("--zero-var-frac", type=float, default=None,
+                   help="GRPO: set rewards so this fraction of groups has zero variance (default: graded)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args()
