@@ -361,8 +361,10 @@ def parse_ks(text):
 
 
 def cmd_report(args):
+    from minirl.common import check_writable_dir
     from minirl.report import build_report
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.samples[0])), "report")
+    check_writable_dir(out, "--out")  # before any work
     ks = parse_ks(args.ks) if args.ks else None
     labels = args.labels.split(",") if args.labels else None
     report = build_report(args.samples, out, labels=labels, reference_index=args.reference, ks=ks,
@@ -522,7 +524,7 @@ def latest(pattern):
 
 
 def cmd_demo(args):
-    from minirl.common import MinirlError
+    from minirl.common import MinirlError, check_writable_dir
     runs = [("base", DEMO_MODEL), ("grpo", latest(os.path.join(args.runs, "grpo-*", "final"))),
             ("sft", latest(os.path.join(args.runs, "sft-*", "final")))]
     runs = [(name, path) for name, path in runs if path]
@@ -532,6 +534,7 @@ def cmd_demo(args):
         print("no runs/grpo-*/final or runs/sft-*/final yet: reporting the bundled model alone "
               "(run `python train_grpo.py` first to compare)")
     out = args.out or os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"))
+    check_writable_dir(out, "--out")  # before any work
     files = []
     for name, path in runs:
         print(f"== sampling {name}: {path}", flush=True)

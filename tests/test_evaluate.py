@@ -119,3 +119,10 @@ def test_report_input_errors_one_line(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert f"give problem {first!r} different problems" in proc.stderr
     assert not os.path.exists(tmp_path / "rep")
+    # An --out that cannot be written: one line naming the flag, before any work.
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for cmd in (["report", a, "--out", blocker / "rep"], ["--out", blocker / "eval"]):
+        proc = run_eval(*cmd, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: --out {blocker / cmd[-1].name}: cannot write there (Not a directory)"], proc.stderr
