@@ -20,11 +20,13 @@ if os.environ.get("MINIRL_BLOCK_TRANSFORMERS") == "1":
     sys.meta_path.insert(0, _BlockTransformers())
 
     # That run repeats the in-process tests only, to stay fast. These modules are (mostly)
-    # runs of the entry scripts or pip in child processes, which never see a test's imports
-    # and are the slow ones; tests marked fresh_process are left out for the same reason.
+    # runs of the entry scripts, torchrun or pip in child processes, which never see a test's
+    # imports and are the slow ones (the few in-process tests among them import modules the
+    # kept tests import too); tests marked fresh_process are left out for the same reason.
     # (A module that marks its script runs fresh_process can leave this list.)
     collect_ignore = ["test_demo.py", "test_evaluate.py", "test_grpo.py", "test_sft.py",
-                      "test_real_model.py", "test_install.py"]
+                      "test_real_model.py", "test_install.py", "test_bf16.py", "test_distributed.py",
+                      "test_wiring.py", "test_sft_wiring.py"]
 
 
 def pytest_configure(config):
