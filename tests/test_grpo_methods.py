@@ -468,3 +468,26 @@ def test_refused_combinations(bad, match):
         grpo.policy_loss(None, [], pad_id=0, temperature=1.0, eps_low=0.2, eps_high=0.2, beta=0.0,
                          kl_estimator="k3", aggregation="token-mean", num_sequences=1, num_tokens=1,
                          norm_length=None, on_policy=True, **bad)
+
+
+@pytest.mark.parametrize("methods", [dict(entropy_coef=0.2), dict(ratio_level="sequence", eps_low=0.01, eps_high=0.01)])
+def test_triton_backend_matches_torch(tiny_model_dir, methods):
+    """The entropy bonus's gradient through the Triton log-prob kernel, and GSPO's ratio
+    through the Triton loss kernel (interpreted on CPU), equal the PyTorch path."""
+    model = load_model(tiny_model_dir, device="cpu").train()
+    g = torch.Generator().manual_seed(16)
+    samples = make_samples(16)
+    for s in samples:  # off-policy, so the sequence ratios differ from 1 and some clip
+        s.old_logprobs = -torch.rand(len(s.completion_ids), generator=g) * 3
+    methods = dict(methods)
+    eps = dict(eps_low=methods.pop("eps_low", 0.2), eps_high=methods.pop("eps_high", 0.28))
+    out = {}
+    for backend in ("torch", "triton"):
+        loss, st = grpo.policy_loss(model, samples, pad_id=0, temperature=0.7, beta=0.0, kl_estimator="k3",
+                                    aggregation="seq-mean-token-mean", num_sequences=4, num_tokens=20,
+                                    norm_length=10, on_policy=False, backend=backend, **eps, **methods)
+        out[backend] = (loss, grads(model, loss), st["clip_frac"])
+    assert rel_err(out["triton"][0], out["torch"][0]) < 1e-5
+    assert max(rel_err(a, b) for a, b in zip(out["triton"][1], out["torch"][1])) < 1e-4
+    assert out["triton"][2] == out["torch"][2]
+    assert "ratio_level" not in methods or 0 < out["torch"][2] < 1  # GSPO: some sequences clip
