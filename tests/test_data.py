@@ -32,8 +32,9 @@ def test_field_mapping(tmp_path):
     assert problems[0] == Problem("0", "What is 1+1?", "2", None, {})
     assert problems[1].answer == "7" and problems[1].id == "1"
     assert problems[2].id == "custom-id" and problems[2].difficulty == 4 and problems[2].answer == "x = 3"
-    assert problems[3] == Problem("test/algebra/1.json", "MATH", "\\frac{1}{2}", 3, {"type": "Algebra"})
-    assert problems[4].answer == "1500"
+    assert problems[3] == Problem("test/algebra/1.json", "MATH", "\\frac{1}{2}", 3,
+                                  {"type": "Algebra", "solution": "So it is $\\boxed{\\frac{1}{2}}$."})
+    assert problems[4].answer == "1500" and problems[4].meta == {"solution": "She has 1000 + 500 = 1500."}
     assert problems[5].question == "chat question" and problems[5].answer == "5"
     assert problems[5].meta == {"source": "x"}
 
@@ -90,8 +91,8 @@ def test_parquet_roundtrip(tmp_path):
                       "level": ["Level 1", "Level 5"], "subject": ["Algebra", "Geometry"]})
     pq.write_table(table, tmp_path / "p.parquet")
     problems = load_problems(tmp_path / "p.parquet")
-    assert problems == [Problem("0", "Q1", "3", 1, {"subject": "Algebra"}),
-                        Problem("1", "Q2", "\\sqrt2", 5, {"subject": "Geometry"})]
+    assert problems == [Problem("0", "Q1", "3", 1, {"subject": "Algebra", "solution": "\\boxed{3}"}),
+                        Problem("1", "Q2", "\\sqrt2", 5, {"subject": "Geometry", "solution": "thus \\boxed{\\sqrt2}"})]
     pq.write_table(pa.table({"problem": ["Q1", "Q2"], "answer": ["1", None]}), tmp_path / "bad.parquet")
     with pytest.raises(MinirlError, match=r"bad\.parquet: row 2: no answer field"):
         load_problems(tmp_path / "bad.parquet")
