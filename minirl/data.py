@@ -1,24 +1,52 @@
-"""Problems and SFT examples from files, and the prompt templates.
+"""Problems and SFT examples from files or Hugging Face datasets, and the prompt templates.
 
-Problems (``load_problems``) come from a ``.jsonl`` file (one JSON object per line) or a
-``.parquet`` file (needs pyarrow). Fields, unless named explicitly:
+Sources (``load_problems`` and ``load_sft_examples``; ``data_kind`` tells which without
+reading):
+
+- a ``.jsonl`` file (one JSON object per line; any other existing file is read as jsonl),
+  or a ``.parquet`` file (needs pyarrow);
+- a Hugging Face dataset (needs the optional ``datasets`` package, extra ``hub``): a
+  ``save_to_disk`` folder (of a Dataset or a DatasetDict), an ``.arrow`` file or a folder of
+  them (as the datasets cache names them, ``<name>-<split>[-00000-of-00002].arrow``, files
+  are grouped by split; other names are shards of one dataset), a folder of ``.parquet``
+  data files laid out as a hub dataset repository, or a hub id ``owner/name`` (any name
+  that is not a local path and has no file suffix).
+
+``split``: None takes the only split; a dataset with several splits needs one named (no
+silent "train" or "test": picking the wrong one would train on the test set). A single
+saved Dataset has no splits to choose. ``config`` (a hub dataset's subset, e.g. GSM8K's
+"main") applies to hub ids and dataset repository folders only. A split or config for a
+jsonl/parquet file, an unknown split (the available ones are listed), a missing
+``datasets`` package or a dataset that cannot be loaded raise MinirlError.
+
+Fields of a problem, unless named explicitly (names match exactly, else ignoring case:
+some AIME sets write "Problem", "Answer", "ID"):
 
 - question: the first of ``problem``, ``question``, ``prompt`` (a chat list in ``prompt``
   is accepted: its last user message is the question);
-- gold answer: ``answer`` (GSM8K's "... #### 72" becomes "72"; a ``\\boxed{}`` inside is
-  extracted), else MATH's ``solution``, whose last ``\\boxed{}`` is the answer;
-- id: ``id`` or ``unique_id`` when present, else the record's index in the file
-  ("0", "1", ...); ids must be unique;
+- gold answer: ``answer`` (an int as AIME sets store it becomes its digits; GSM8K's
+  "... #### 72" becomes "72"; a ``\\boxed{}`` inside is extracted), else MATH's
+  ``solution``, whose last ``\\boxed{}`` is the answer, else verl's
+  ``reward_model.ground_truth``. The gold is kept as written (MATH's ``10,\\!000``): the
+  grader decides what equals it;
+- id: ``id`` or ``unique_id`` when present, else the record's index ("0", "1", ...); ids
+  must be unique;
 - difficulty: ``difficulty`` or ``level`` when present (an int, or the number in
-  MATH's "Level 3"); else None;
-- meta: every other field (a ``meta`` object is merged in), e.g. MATH's ``type``.
+  MATH's "Level 3"; "Level ?" is None); else None;
+- meta: every other field (a ``meta`` object is merged in), e.g. MATH's ``type``, and
+  ``solution``: the worked solution (MATH's, or GSM8K's reasoning before "####").
+
+So MATH / MATH-500 (problem, solution, answer, level, unique_id), GSM8K (question, answer)
+and the common AIME sets (id/ID, problem/Problem/question, answer/Answer as int or str)
+load without naming fields.
 
 SFT examples (``load_sft_examples``): ``{"prompt": str, "response": str}`` (``completion``
 is accepted for ``response``) or ``{"messages": [{"role", "content"}, ...]}`` with at
 least one assistant turn.
 
-A bad record raises MinirlError naming the file, line (or parquet row) and what is
-wrong; a file with no records raises MinirlError too.
+A bad record raises MinirlError naming the file and line (or "source, split 'test':
+row N") and what is wrong, and for a missing field the fields found and the ones
+expected; a source with no records raises MinirlError too.
 
 Prompt templates (``format_prompt(question, template, tokenizer)``), by name:
 
