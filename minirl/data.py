@@ -196,13 +196,25 @@ def _arrow_files(datasets, files, where):
     return joined[None] if None in joined else joined
 
 
+def _parquet_files(folder):
+    """Parquet data files at the top of a folder or one level down (a hub repository's
+    data/ or <config>/): not a walk of the whole tree, which could be a home folder."""
+    found = []
+    for entry in os.scandir(folder):
+        if entry.is_file() and entry.name.endswith(".parquet"):
+            found.append(entry.path)
+        elif entry.is_dir() and not entry.name.startswith("."):
+            found += [e.path for e in os.scandir(entry.path) if e.is_file() and e.name.endswith(".parquet")]
+    return found
+
+
 def _load_dataset(path, kind, config):
     """A Dataset, or a {split: Dataset} mapping (DatasetDict), from a folder, arrow file or hub id."""
     join = os.path.join
     if kind == "dataset folder":
         saved = os.path.exists(join(path, "dataset_dict.json")) or os.path.exists(join(path, "state.json"))
         arrows = sorted(f for f in os.listdir(path) if f.endswith(".arrow") and not f.startswith("cache-"))
-        parquets = [f for _, _, names in os.walk(path) for f in names if f.endswith(".parquet")]
+        parquets = _parquet_files(path)
         if not (saved or arrows or parquets):
             raise MinirlError(f"{path}: not a dataset folder (no dataset_dict.json or state.json of "
                               "save_to_disk, no .arrow files, no .parquet data files)")
