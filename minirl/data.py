@@ -261,11 +261,7 @@ def _select_split(loaded, path, split):
 
 def _dataset_rows(path, kind, split, config):
     dataset, label = _select_split(_load_dataset(path, kind, config), path, split)
-    if hasattr(dataset, "to_list"):
-        rows = dataset.to_list()
-    else:                                        # an IterableDataset (a streaming loader script)
-        rows = list(dataset)
-    for i, row in enumerate(rows, 1):
+    for i, row in enumerate(dataset.to_list(), 1):     # python objects, one batch conversion
         yield f"{label}: row {i}", row
 
 

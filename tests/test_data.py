@@ -146,7 +146,8 @@ def test_math500_save_to_disk_folder(tmp_path, hf):
 
 def test_math_splits_and_last_box(tmp_path, hf):
     d = hf.Dataset.from_dict(MATH)
-    hf.DatasetDict(train=d, test=hf.Dataset.from_dict({k: v[:1] for k, v in MATH.items()})).save_to_disk(tmp_path / "math")
+    first = hf.Dataset.from_dict({k: v[:1] for k, v in MATH.items()})
+    hf.DatasetDict(train=d, test=first).save_to_disk(tmp_path / "math")
     train = load_problems(tmp_path / "math", split="train")
     assert [p.answer for p in train] == ["\\$16,\\!386.20", "2"]             # the last box of the solution
     assert [p.difficulty for p in train] == [4, None]                       # "Level ?" is unknown

@@ -17,12 +17,17 @@ from minirl.runlock import LOCK_NAME, RunLock, SignalGuard, lock_file_for, read_
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _default_signals():
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def start(code, *args):
     """A child Python process running `code`, with the default dispositions of SIGINT and
     SIGTERM (as a script started from a terminal has), its stdout piped."""
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
+                            preexec_fn=_default_signals)
 
 
 def wait_for_line(proc, expected, timeout=120):
@@ -37,7 +42,9 @@ def wait_for_line(proc, expected, timeout=120):
     t = threading.Thread(target=read, daemon=True)
     t.start()
     t.join(timeout)
-    assert result, f"the child never printed {expected!r}: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
+    if not result:
+        stderr = proc.stderr.read() if proc.poll() is not None else ""
+        raise AssertionError(f"the child never printed {expected!r} (exit {proc.poll()}): {stderr}")
 
 
 HOLDER = """
