@@ -1,15 +1,16 @@
 """One process per run folder, and a clean stop on SIGTERM / Ctrl-C.
 
 RunLock: an exclusive advisory lock, ``fcntl.flock`` on a lock file: inside a folder
-(``<folder>/.minirl.lock``: a run folder) or beside a file (``<file>.lock``: a samples file,
-a judge cache). It never waits: taken or refused at once. The operating system releases
-a flock when its process ends, however it ends (a crash, ``kill -9``), so a lock left by
-a dead process never blocks: the lock file may stay, but nobody holds it. The holder
-writes its PID, host, start time and command into the lock file; a second process that tries to take the lock gets a MinirlError of one line
-naming the folder or file and that holder. The lock is per open file: a second RunLock on
-the same target in the same process is refused too. A process forked from the holder
-(not exec'd: the file is close-on-exec) shares the lock until it exits. Over NFS, Linux
-maps flock onto NFS byte-range locks, which need a working lock manager.
+(``<folder>/.minirl.lock``: a run folder) or beside a file (``<file>.lock``: a samples
+file, a judge cache). It never waits: taken or refused at once. The operating system
+releases a flock when its process ends, however it ends (a crash, ``kill -9``), so a lock
+left by a dead process never blocks: the lock file may stay, but nobody holds it. The
+holder writes its PID, host, start time and command into the lock file; a second process
+that tries to take the lock gets a MinirlError of one line naming the folder or file and
+that holder. The lock is per open file: a second RunLock on the same target in the same
+process is refused too. A process forked from the holder (not exec'd: the file is close-
+on-exec) shares the lock until it exits. Over NFS, Linux maps flock onto NFS byte-range
+locks, which need a working lock manager.
 
 SignalGuard: for training loops. Inside ``with SignalGuard() as guard:`` the first SIGTERM
 or SIGINT is only recorded (``guard.signum``), so the loop can finish or abandon its step,
