@@ -24,10 +24,10 @@ setup(
     extras_require={
         # Everything the test suite needs, optional features included.
         "test": ["pytest", "pytest-timeout", "transformers>=4.45", "accelerate", "gguf",
-                 "jinja2", "sympy", "math-verify", "pyarrow", "matplotlib",
+                 "jinja2", "sympy", "math-verify", "pyarrow", "matplotlib", "datasets",
                  "setuptools>=70.1"],  # tests/test_install.py builds the wheel without isolation
         "plot": ["matplotlib"],
-        "hub": ["huggingface_hub"],
+        "hub": ["huggingface_hub", "datasets"],  # hub ids; Hugging Face datasets as --data
         "math": ["math-verify", "sympy"],
     },
 )
