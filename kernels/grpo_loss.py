@@ -1,12 +1,8 @@
-"""Triton kernel 3: the GRPO per-token loss (clipped surrogate + KL to a reference), fused
-forward and gradient, defined by minirl.grpo.token_loss (plain PyTorch).
-
-Per token (all [N, T], flattened; A = advantage, r = exp(logp - old_logp)):
-
-    surrogate = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
-    log_r     = ref_logp - logp
-    kl        = k1: -log_r   |   k2: log_r^2 / 2   |   k3: exp(log_r) - log_r - 1
-    loss      = surrogate + beta kl,   0 where mask == 0
+"""Triton kernel 3: the GRPO per-token loss (clipped surrogate + beta x KL to a reference),
+fused forward and gradient. The formula is the one in minirl/grpo.py's module docstring
+(the objective's home); its plain PyTorch definition, which this kernel is tested equal to,
+is kernels.reference.grpo_token_loss_reference. Below, A = advantage, r = exp(logp - old_logp),
+log_r = ref_logp - logp, all [N, T] flattened.
 
 Gradient with respect to logp (d r / d logp = r, d log_r / d logp = -1):
 
@@ -25,9 +21,10 @@ Not yet measured on a GPU: benchmarks/bench_kernels.py times this kernel against
 reference and kernel 2 against naive, which is the data this choice should be checked with.
 
 The forward writes d loss / d logp [N, T] next to the loss (one more fp32 [N, T]), so the
-backward is a single multiply by the upstream gradient and no kernel at all. It also writes
-ratio, kl and the clip code per token, from which minirl.losses computes the logged
-statistics.
+backward is a single multiply by the upstream gradient and no kernel at all (the custom op
+minirl::grpo_token_loss in kernels/ops.py registers that backward). It also writes ratio,
+kl and the clip code per token, from which kernels.reference.token_stats computes the
+logged statistics.
 """
 import os
 
@@ -85,40 +82,44 @@ def _grpo_loss_kernel(
     tl.store(clipped_ptr + offs, tl.where(keep, code, 0).to(tl.int8), mask=inside)
 
 
-class TritonGrpoLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, beta, kl_estimator):
-        n = logp.numel()
-        loss = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
-        dlogp = torch.empty_like(loss)
-        ratio = torch.empty_like(loss)
-        kl = torch.empty_like(loss)
-        clipped = torch.empty(logp.shape, dtype=torch.int8, device=logp.device)
-        if n > 0:
-            block = 4096 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 1024
-            _grpo_loss_kernel[(triton.cdiv(n, block),)](
-                logp, old_logp, adv, mask, ref_logp if ref_logp is not None else logp,
-                loss, dlogp, ratio, kl, clipped,
-                n, float(eps_low), float(eps_high), float(beta),
-                KL=KL_CODES[kl_estimator if ref_logp is not None else None], BLOCK=block,
-                num_warps=4,
-            )
-        ctx.save_for_backward(dlogp)
-        ctx.mark_non_differentiable(ratio, kl, clipped)
-        return loss, ratio, kl, clipped
-
-    @staticmethod
-    def backward(ctx, g_loss, _g_ratio, _g_kl, _g_clipped):
-        (dlogp,) = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0] and g_loss is not None:
-            grad = g_loss * dlogp  # [N, T]: chain rule, elementwise
-        return grad, None, None, None, None, None, None, None, None
+def _launch(logp, old_logp, adv, mask, ref_logp, loss, dlogp, ratio, kl, clipped,
+            eps_low, eps_high, beta, kl_estimator):
+    """Grid, arguments and compile-time options exactly as launched (also read by
+    aot_launches, so the AOT check compiles what runs)."""
+    n = logp.numel()
+    block = 4096 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 1024
+    args = (logp, old_logp, adv, mask, ref_logp if ref_logp is not None else logp,
+            loss, dlogp, ratio, kl, clipped, n, float(eps_low), float(eps_high), float(beta))
+    code = KL_CODES[kl_estimator if ref_logp is not None else None]
+    return (triton.cdiv(n, block),), args, dict(KL=code, BLOCK=block, num_warps=4)
 
 
-def grpo_token_loss_triton(logp, old_logp, adv, mask, eps_low, eps_high, ref_logp=None,
-                           beta=0.0, kl_estimator="k3"):
-    """The Triton backend of minirl.grpo.token_loss: all [N, T] contiguous on one device,
-    logp/old_logp/adv/ref fp32, mask bool. Returns (loss, ratio, kl, clipped) like it."""
-    return TritonGrpoLoss.apply(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, beta,
-                                kl_estimator)
+def grpo_loss_fwd_triton(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, beta,
+                         kl_estimator):
+    """All [N, T] contiguous on one device; logp / old_logp / adv / ref_logp fp32, mask bool.
+    Returns (loss, dlogp, ratio, kl, clipped): dlogp = d loss / d logp, clipped the clip code
+    (int8: 1 low clip active, 2 high), all 0 where mask is False."""
+    loss = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+    dlogp, ratio, kl = torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss)
+    clipped = torch.empty(logp.shape, dtype=torch.int8, device=logp.device)
+    if logp.numel() > 0:
+        grid, args, meta = _launch(logp, old_logp, adv, mask, ref_logp, loss, dlogp, ratio, kl,
+                                   clipped, eps_low, eps_high, beta, kl_estimator)
+        _grpo_loss_kernel[grid](*args, **meta)
+    return loss, dlogp, ratio, kl, clipped
+
+
+def aot_launches():
+    """Every launch grpo_loss_fwd_triton can make on a GPU, as (kernel, args, options,
+    label): with and without a reference (each KL estimator), for a token count that is a
+    multiple of 16 and one that is not (Triton specialises the integer on it). The inputs'
+    dtypes are fixed: the kernels.ops wrapper casts them to fp32 and the mask to bool."""
+    out = []
+    for n in (4096, 4099):
+        f, b = (torch.empty(n, dtype=d, device="meta") for d in (torch.float32, torch.bool))
+        i8 = torch.empty(n, dtype=torch.int8, device="meta")
+        for kl_estimator, ref in ((None, None), ("k1", f), ("k2", f), ("k3", f)):
+            _, args, opts = _launch(f, f, f, b, ref, f, f, f, f, i8, 0.2, 0.28, 0.04,
+                                    kl_estimator)
+            out.append((_grpo_loss_kernel, args, opts, f"n={n} kl={kl_estimator or 'none'}"))
+    return out

@@ -57,83 +57,63 @@ def default_chunk_size(n_rows: int, vocab: int, device) -> int:
     return max(1, min(rows, n_rows))
 
 
-class LinearLogprobs(torch.autograd.Function):
-    """The chunked fused linear log-probs (see the module docstring). `use_triton` picks
-    kernel 1 (Triton) or its torch version for the per-chunk softmax maths; the chunking,
-    matmuls and saved state are the same for both."""
+def _per_chunk_maths(use_triton):
+    """(forward, in-place backward) over one chunk of logits: kernel 1 or its torch version."""
+    if not use_triton:
+        return logprobs_fwd_torch, logprobs_bwd_torch_
+    from minirl.kernels.logprobs import logprobs_bwd_triton, logprobs_fwd_triton
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, with_entropy, chunk_size, use_triton):
-        if use_triton:
-            from minirl.kernels.logprobs import logprobs_fwd_triton as fwd
-        else:
-            fwd = logprobs_fwd_torch
-        N = hidden.shape[0]
-        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        logp = torch.empty(N, dtype=out_dtype, device=hidden.device)  # [N]
-        lse = torch.empty(N, dtype=out_dtype, device=hidden.device)  # [N]
-        entropy = torch.empty(N, dtype=out_dtype, device=hidden.device) if with_entropy else None
-        for start in range(0, N, chunk_size):
-            end = min(start + chunk_size, N)
-            z = hidden[start:end] @ weight.t()  # [C, V] in the model dtype
-            lp, ent, ls = fwd(z, targets[start:end], with_entropy)
-            logp[start:end] = lp
-            lse[start:end] = ls
-            if with_entropy:
-                entropy[start:end] = ent
-            del z  # free this chunk before the next matmul allocates one
-
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy if with_entropy else lse)
-        ctx.with_entropy = with_entropy
-        ctx.chunk_size = chunk_size
-        ctx.use_triton = use_triton
-        return (logp, entropy) if with_entropy else logp
-
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy=None):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_h or need_w):
-            return None, None, None, None, None, None
-        if ctx.use_triton:
-            from minirl.kernels.logprobs import logprobs_bwd_triton
-
-            def bwd_(z, t, ls, ent, g, e):
-                return logprobs_bwd_triton(z, t, ls, ent, g, e, out=z)  # in place
-        else:
-            bwd_ = logprobs_bwd_torch_
-
-        N = hidden.shape[0]
-        if g_logp is None:  # only the entropy was used: dz = -p e (log p + H)
-            g_logp = torch.zeros(N, dtype=lse.dtype, device=lse.device)
-        g_logp = g_logp.to(lse.dtype).contiguous()  # [N]
-        if g_entropy is not None:
-            g_entropy = g_entropy.to(lse.dtype).contiguous()  # [N]
-
-        grad_h = torch.empty_like(hidden) if need_h else None  # [N, H]
-        grad_w = torch.zeros_like(weight) if need_w else None  # [V, H]
-        for start in range(0, N, ctx.chunk_size):
-            end = min(start + ctx.chunk_size, N)
-            h_c = hidden[start:end]  # [C, H]
-            z = h_c @ weight.t()  # [C, V] recomputed: the forward kept no logits
-            e = None if g_entropy is None else g_entropy[start:end]
-            dz = bwd_(z, targets[start:end], lse[start:end], entropy[start:end],
-                      g_logp[start:end], e)  # [C, V], written over z
-            if need_h:
-                torch.matmul(dz, weight, out=grad_h[start:end])  # [C, H]
-            if need_w:
-                grad_w.addmm_(dz.t(), h_c)  # [V, H] += [V, C] @ [C, H]
-            del z, dz
-        return grad_h, grad_w, None, None, None, None
+    def bwd_(z, t, ls, ent, g, e):
+        return logprobs_bwd_triton(z, t, ls, ent, g, e, out=z)  # in place
+    return logprobs_fwd_triton, bwd_
 
 
-def linear_logprobs_chunked(hidden, weight, targets, return_entropy=False, chunk_size=None,
-                            use_triton=False):
-    """hidden [N, H], weight [V, H], targets [N] -> logprob [N] (, entropy [N]).
+def chunked_forward(hidden, weight, targets, with_entropy, chunk_size, use_triton):
+    """hidden [N, H], weight [V, H], targets [N] -> (logprob [N], entropy [N] (empty [0]
+    without with_entropy), lse [N]), fp32 (fp64 for fp64 inputs). Inputs already validated
+    (2-D, one device and dtype, hidden contiguous, targets in range); no autograd here:
+    the custom op minirl::linear_logprobs (kernels/ops.py) wraps this and chunked_backward."""
+    fwd, _ = _per_chunk_maths(use_triton)
+    N = hidden.shape[0]
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = torch.empty(N, dtype=out_dtype, device=hidden.device)  # [N]
+    lse = torch.empty(N, dtype=out_dtype, device=hidden.device)  # [N]
+    entropy = torch.empty(N if with_entropy else 0, dtype=out_dtype, device=hidden.device)
+    for start in range(0, N, chunk_size):
+        end = min(start + chunk_size, N)
+        z = hidden[start:end] @ weight.t()  # [C, V] in the model dtype
+        lp, ent, ls = fwd(z, targets[start:end], with_entropy)
+        logp[start:end] = lp
+        lse[start:end] = ls
+        if with_entropy:
+            entropy[start:end] = ent
+        del z  # free this chunk before the next matmul allocates one
+    return logp, entropy, lse
 
-    Inputs already validated by minirl.losses.linear_logprobs (2-D, same device and dtype,
-    hidden contiguous, targets in range)."""
-    if chunk_size is None:
-        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
-    return LinearLogprobs.apply(hidden, weight, targets, return_entropy, int(chunk_size),
-                                use_triton)
+
+def chunked_backward(hidden, weight, targets, lse, entropy, g_logp, g_entropy, chunk_size,
+                     use_triton, need_hidden, need_weight):
+    """Gradients (grad_hidden [N, H], grad_weight [V, H]) for upstream g_logp [N] and
+    g_entropy [N] (or None), recomputing each chunk's logits; a gradient not needed is
+    returned as an empty [0] tensor."""
+    _, bwd_ = _per_chunk_maths(use_triton)
+    N = hidden.shape[0]
+    g_logp = g_logp.to(lse.dtype).contiguous()  # [N]
+    if g_entropy is not None:
+        g_entropy = g_entropy.to(lse.dtype).contiguous()  # [N]
+    empty = hidden.new_empty(0)
+    grad_h = torch.empty_like(hidden) if need_hidden else empty  # [N, H]
+    grad_w = torch.zeros_like(weight) if need_weight else empty  # [V, H]
+    for start in range(0, N, chunk_size):
+        end = min(start + chunk_size, N)
+        h_c = hidden[start:end]  # [C, H]
+        z = h_c @ weight.t()  # [C, V] recomputed: the forward kept no logits
+        e = None if g_entropy is None else g_entropy[start:end]
+        ent = None if g_entropy is None else entropy[start:end]
+        dz = bwd_(z, targets[start:end], lse[start:end], ent, g_logp[start:end], e)  # over z
+        if need_hidden:
+            torch.matmul(dz, weight, out=grad_h[start:end])  # [C, H]
+        if need_weight:
+            grad_w.addmm_(dz.t(), h_c)  # [V, H] += [V, C] @ [C, H]
+        del z, dz
+    return grad_h, grad_w

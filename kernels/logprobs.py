@@ -129,6 +129,28 @@ def _logprobs_bwd_kernel(
         tl.store(grad_row_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
+def _fwd_launch(z, targets, logp, entropy, lse, with_entropy):
+    """The forward kernel's grid, arguments and compile-time options, exactly as launched
+    (also read by aot_launches, so the AOT check compiles what runs)."""
+    N, V = z.shape
+    block, warps = _launch_config(V)
+    args = (z, z.stride(0), targets, logp, entropy, lse, V)
+    return (N,), args, dict(WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps)
+
+
+def _bwd_launch(z, out, targets, lse, entropy, g_logp, g_entropy):
+    """The backward kernel's grid, arguments and options (absent inputs replaced by lse,
+    never read: the constexpr flags switch their loads off)."""
+    N, V = z.shape
+    block, warps = _launch_config(V)
+    args = (z, z.stride(0), out, out.stride(0), targets,
+            lse, entropy if entropy is not None else lse,
+            g_logp if g_logp is not None else lse, g_entropy if g_entropy is not None else lse,
+            V)
+    return (N,), args, dict(HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None,
+                            BLOCK_V=block, num_warps=warps)
+
+
 def logprobs_fwd_triton(z, targets, with_entropy):
     """Forward over rows of z [N, V] (last dim contiguous) -> (logprob [N], entropy [N] or
     None, lse [N]), all fp32. Same contract as kernels.reference.logprobs_fwd_torch, except
@@ -139,11 +161,8 @@ def logprobs_fwd_triton(z, targets, with_entropy):
     entropy = torch.empty(N, dtype=torch.float32, device=z.device) if with_entropy else lse
     if N == 0:
         return logp, (entropy if with_entropy else None), lse
-    block, warps = _launch_config(V)
-    _logprobs_fwd_kernel[(N,)](
-        z, z.stride(0), targets, logp, entropy, lse, V,
-        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
-    )
+    grid, args, meta = _fwd_launch(z, targets, logp, entropy, lse, with_entropy)
+    _logprobs_fwd_kernel[grid](*args, **meta)
     return logp, (entropy if with_entropy else None), lse
 
 
@@ -155,42 +174,37 @@ def logprobs_bwd_triton(z, targets, lse, entropy, g_logp, g_entropy, out=None):
         out = torch.empty((N, V), dtype=z.dtype, device=z.device)
     if N == 0:
         return out
-    block, warps = _launch_config(V)
-    _logprobs_bwd_kernel[(N,)](
-        z, z.stride(0), out, out.stride(0), targets,
-        lse, entropy if entropy is not None else lse,
-        g_logp if g_logp is not None else lse, g_entropy if g_entropy is not None else lse,
-        V,
-        HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None,
-        BLOCK_V=block, num_warps=warps,
-    )
+    grid, args, meta = _bwd_launch(z, out, targets, lse, entropy, g_logp, g_entropy)
+    _logprobs_bwd_kernel[grid](*args, **meta)
     return out
 
 
-class TritonTokenLogprobs(torch.autograd.Function):
-    """logits [N, V], targets [N] -> logprob [N] (, entropy [N]) with the Triton kernels.
-
-    Saves the logits themselves (a reference, no copy), lse [N] and entropy [N]."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, with_entropy):
-        logp, entropy, lse = logprobs_fwd_triton(logits, targets, with_entropy)
-        ctx.save_for_backward(logits, targets, lse, entropy if with_entropy else lse)
-        ctx.with_entropy = with_entropy
-        return (logp, entropy) if with_entropy else logp
-
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy=None):
-        logits, targets, lse, entropy = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        g_logp = None if g_logp is None else g_logp.float().contiguous()
-        g_entropy = None if g_entropy is None else g_entropy.float().contiguous()
-        grad = logprobs_bwd_triton(logits, targets, lse, entropy, g_logp, g_entropy)
-        return grad, None, None
+# Vocabularies the AOT check compiles for: Llama-2/Mistral, SmolLM2, GPT-2, Llama-3, Qwen2.5.
+# (Their sizes pick the block; whether a size is a multiple of 16 picks Triton's
+# specialisation of the integer arguments, and both kinds are here.)
+REAL_VOCABS = (32000, 49152, 50257, 128256, 151936)
+LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what minirl.losses accepts
+TARGET_DTYPES = (torch.int64, torch.int32)
 
 
-def token_logprobs_triton(logits, targets, return_entropy=False):
-    """The Triton backend of minirl.losses.token_logprobs (inputs already validated:
-    logits [N, V] with stride(1) == 1, targets [N] in range, same device)."""
-    return TritonTokenLogprobs.apply(logits, targets, return_entropy)
+def aot_launches(vocabs=REAL_VOCABS):
+    """Every launch the wrappers above can make on a GPU, for the vocabularies given, as
+    (kernel, args, options, label): built by the same _fwd_launch / _bwd_launch on meta
+    tensors (no memory), over every flag and input dtype the wrappers accept."""
+    import itertools
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    out = []
+    for V, dt, tdt in itertools.product(vocabs, LOGIT_DTYPES, TARGET_DTYPES):
+        z, t, row = meta(2, V, dtype=dt), meta(2, dtype=tdt), meta(2)
+        name = f"V={V} {str(dt)[6:]} {str(tdt)[6:]}"
+        for with_entropy in (False, True):
+            _, args, opts = _fwd_launch(z, t, row, row, row, with_entropy)
+            out.append((_logprobs_fwd_kernel, args, opts, name))
+        for has_g, has_e in itertools.product((False, True), repeat=2):
+            _, args, opts = _bwd_launch(z, z, t, row, row if has_e else None,
+                                        row if has_g else None, row if has_e else None)
+            out.append((_logprobs_bwd_kernel, args, opts, name))
+    return out

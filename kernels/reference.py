@@ -14,8 +14,10 @@ Gradients (derived in kernels/logprobs.py), for upstream grads g (on logprob) an
     d loss / d z_j    = g (1[j = t] - p_j) - e p_j (log p_j + H)
                       = g 1[j = t] - p_j (g + e (log p_j + H))
 
-Kernel 3 (the GRPO per-token loss, kernels/grpo_loss.py) is defined in plain PyTorch by
-minirl.grpo.token_loss, where a reader of the GRPO objective looks for it.
+Kernel 3, the GRPO per-token loss (kernels/grpo_loss.py), computes the formula written in
+minirl/grpo.py's module docstring (the home of the objective, where a reader looks for
+it); grpo_token_loss_reference at the end of this file is that formula in plain PyTorch,
+and token_stats the statistics trainers log from its per-token outputs.
 
 All maths runs in fp32 (fp64 when the inputs are fp64, which the tests use), whatever the
 input dtype; outputs are fp32 (fp64 for fp64 inputs).
@@ -89,3 +91,57 @@ def logprobs_bwd_torch_(z, targets, lse, entropy, g_logp, g_entropy):
     if dz.data_ptr() != z.data_ptr():  # low-precision z: write the fp32 result back, rounded
         z.copy_(dz)
     return z
+
+
+# --------------------------------------------------------------------------------------
+# Kernel 3: the GRPO per-token loss (formula: minirl/grpo.py's module docstring).
+# --------------------------------------------------------------------------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def grpo_token_loss_reference(logp, old_logp, adv, mask, eps_low, eps_high, ref_logp=None,
+                              beta=0.0, kl_estimator="k3"):
+    """The per-token loss l [B, T] of minirl/grpo.py's docstring, and for the statistics
+    ratio, kl and the clip code (1: low clip active, 2: high clip active), all 0 where mask
+    is False. logp [B, T] differentiable (through autograd); old_logp, adv (per token),
+    ref_logp [B, T] fp32; mask bool."""
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(mask, logp, zero)  # [B, T]: padding may hold garbage (inf, nan)
+    old_logp = torch.where(mask, old_logp.detach(), zero)
+    adv = torch.where(mask, adv.detach(), zero)
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        log_ref = torch.where(mask, ref_logp.detach(), zero) - logp  # log(ref / policy)
+        if kl_estimator == "k1":
+            kl = -log_ref
+        elif kl_estimator == "k2":
+            kl = log_ref**2 / 2
+        else:  # k3: unbiased and always >= 0
+            kl = torch.exp(log_ref) - log_ref - 1
+    loss = torch.where(mask, -surrogate + beta * kl, zero)  # [B, T]
+    clipped = (((adv < 0) & (ratio < 1 - eps_low)).to(torch.int8)
+               + 2 * ((adv > 0) & (ratio > 1 + eps_high)).to(torch.int8))  # [B, T]
+    return loss, ratio.detach() * mask, kl.detach() * mask, clipped * mask
+
+
+@torch.no_grad()
+def token_stats(mask, ratio, kl, clipped):
+    """The statistics trainers log, as 0-dim fp32 tensors (no host sync), over the tokens
+    where mask is True: clip_low_frac / clip_high_frac (fraction of tokens whose gradient the
+    low / high clip zeroes), clip_frac, ratio_mean/min/max (1 with no token), kl_mean, n_tokens."""
+    n = mask.sum().to(torch.float32)
+    denom = n.clamp(min=1.0)
+    clip_low = (clipped == 1).sum().to(torch.float32) / denom
+    clip_high = (clipped == 2).sum().to(torch.float32) / denom
+    one = torch.ones((), dtype=torch.float32, device=ratio.device)
+    any_token = n > 0
+    ratio_min = torch.where(mask, ratio, torch.inf).min() if ratio.numel() else one
+    ratio_max = torch.where(mask, ratio, -torch.inf).max() if ratio.numel() else one
+    return {"clip_low_frac": clip_low, "clip_high_frac": clip_high, "clip_frac": clip_low + clip_high,
+            "ratio_mean": torch.where(any_token, ratio.sum() / denom, one),
+            "ratio_min": torch.where(any_token, ratio_min, one),
+            "ratio_max": torch.where(any_token, ratio_max, one),
+            "kl_mean": kl.sum() / denom, "n_tokens": n}

@@ -104,12 +104,11 @@ from dataclasses import dataclass
 import torch
 
 from minirl.common import MinirlError
-from minirl.kernels.linear_logprobs import linear_logprobs_chunked
-from minirl.losses import resolve_backend
+from minirl.kernels import ops
+from minirl.kernels.reference import KL_ESTIMATORS, token_stats  # noqa: F401 (part of this API)
 
 STD_MODES = ("group", "batch", "none")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 ADVANTAGES = ("grpo", "passk", "maxrl")
 LOSSES = ("clip", "cispo")
@@ -221,48 +220,8 @@ def token_loss(logp, old_logp, adv, mask, eps_low, eps_high, ref_logp=None, beta
     """Per-token loss l [B, T] (module docstring), and for the statistics ratio, kl and the
     clip code (1: low clip active, 2: high clip active), all 0 where mask is False.
     logp [B, T] differentiable; old_logp, adv (per token), ref_logp [B, T] fp32; mask bool."""
-    if resolve_backend(backend, logp.device) == "triton":
-        from minirl.kernels.grpo_loss import grpo_token_loss_triton
-        return grpo_token_loss_triton(logp, old_logp, adv, mask, eps_low, eps_high, ref_logp, beta,
-                                      kl_estimator)
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    logp = torch.where(mask, logp, zero)  # [B, T]: padding may hold garbage (inf, nan)
-    old_logp = torch.where(mask, old_logp.detach(), zero)
-    adv = torch.where(mask, adv.detach(), zero)
-    ratio = torch.exp(logp - old_logp)  # [B, T]
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None:
-        log_ref = torch.where(mask, ref_logp.detach(), zero) - logp  # log(ref / policy)
-        if kl_estimator == "k1":
-            kl = -log_ref
-        elif kl_estimator == "k2":
-            kl = log_ref**2 / 2
-        else:  # k3: unbiased and always >= 0
-            kl = torch.exp(log_ref) - log_ref - 1
-    loss = torch.where(mask, -surrogate + beta * kl, zero)  # [B, T]
-    clipped = ((adv < 0) & (ratio < 1 - eps_low)).to(torch.int8) + 2 * ((adv > 0) & (ratio > 1 + eps_high)).to(torch.int8)
-    return loss, ratio.detach() * mask, kl.detach() * mask, clipped * mask
-
-
-@torch.no_grad()
-def token_stats(mask, ratio, kl, clipped):
-    """The statistics trainers log, as 0-dim fp32 tensors (no host sync), over the tokens
-    where mask is True: clip_low_frac / clip_high_frac (fraction of tokens whose gradient the
-    low / high clip zeroes), clip_frac, ratio_mean/min/max (1 with no token), kl_mean, n_tokens."""
-    n = mask.sum().to(torch.float32)
-    denom = n.clamp(min=1.0)
-    clip_low = (clipped == 1).sum().to(torch.float32) / denom
-    clip_high = (clipped == 2).sum().to(torch.float32) / denom
-    one = torch.ones((), dtype=torch.float32, device=ratio.device)
-    any_token = n > 0
-    ratio_min = torch.where(mask, ratio, torch.inf).min() if ratio.numel() else one
-    ratio_max = torch.where(mask, ratio, -torch.inf).max() if ratio.numel() else one
-    return {"clip_low_frac": clip_low, "clip_high_frac": clip_high, "clip_frac": clip_low + clip_high,
-            "ratio_mean": torch.where(any_token, ratio.sum() / denom, one),
-            "ratio_min": torch.where(any_token, ratio_min, one),
-            "ratio_max": torch.where(any_token, ratio_max, one),
-            "kl_mean": kl.sum() / denom, "n_tokens": n}
+    return ops.grpo_token_loss(logp, old_logp, adv, mask, eps_low, eps_high, ref_logp, beta,
+                               kl_estimator, backend)
 
 
 def rollout_weights(old_logp, sampler_logp, mask, mode, cap):
@@ -440,9 +399,8 @@ def completion_logprobs(model, samples, pad_id: int, temperature: float = 1.0, r
         h = h / temperature  # (h / tau) W^T = logits / tau
     # The fused log-prob path without minirl.losses.linear_logprobs's input checks (and their
     # host sync): the targets are the model's own sampled tokens, in range by construction.
-    use_triton = resolve_backend(backend, h.device) == "triton"
-    out = linear_logprobs_chunked(h.contiguous(), model.lm_head_weight, targets[mask], return_entropy,
-                                  None, use_triton)
+    out = ops.linear_logprobs(h.contiguous(), model.lm_head_weight, targets[mask], return_entropy,
+                              None, backend)
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device)  # [B, Tc]
     if return_entropy:
         logp = logp.masked_scatter(mask, out[0])

@@ -1,70 +1,41 @@
-"""Token log-probs, entropies and the GRPO per-token loss: the one place that checks inputs
-and chooses between the Triton kernels and their PyTorch references (kernels/).
+"""Token log-probs, entropies and the GRPO per-token loss: the checked public entry points.
+Each checks its inputs (raising MinirlError), then calls kernels/ops.py, which chooses the
+backend (Triton kernels or their PyTorch references) and runs the custom op.
 
     token_logprobs(logits [N, V], targets [N])              -> logprob [N] (, entropy [N])
     linear_logprobs(hidden [N, H], weight [V, H], targets)  -> logprob [N] (, entropy [N])
     grpo_token_loss(logp [N, T], old_logp, advantages, mask, ...)
                                                   -> (loss [N, T], stats dict)
-                      (checks its inputs, then minirl.grpo.token_loss: the definition)
 
 logprob[n] = log softmax(logits[n])[targets[n]] and entropy[n] = -sum_j p_j log p_j, both fp32
 (softmax maths is always fp32, whatever the logits' dtype). Leading dimensions are allowed:
-logits [B, T, V] with targets [B, T] give [B, T] outputs, and likewise for hidden.
+logits [B, T, V] with targets [B, T] give [B, T] outputs, and likewise for hidden. The GRPO
+per-token loss is the formula in minirl/grpo.py's module docstring.
 
-Backend: `backend=None` or "auto" uses Triton when the tensors are on CUDA and the PyTorch
-reference elsewhere; the environment variable MINIRL_KERNELS=triton|torch|auto replaces
-"auto"; backend="triton" or "torch" forces one (Triton on CPU tensors runs only under the
-Triton interpreter, TRITON_INTERPRET=1, which the tests use). triton is imported only when
-the Triton backend is used, so this module imports where triton is not installed.
+backend=None / "auto" / "triton" / "torch" and the environment variable MINIRL_KERNELS are
+resolved by kernels.ops.resolve_backend (its docstring gives the rule). triton is imported
+only when the Triton backend is used, so this module imports where triton is not installed.
 
 Cost of the checks: targets are checked to lie in [0, V) before any kernel reads
 logits[n, targets[n]] (the kernels do not bounds-check that load). That is one reduction over
 N integers and one host-device synchronisation (a few microseconds plus the wait for queued
 GPU work) per call; the torch path does the same check so that both raise the same error.
+Under torch.compile and on fake tensors (FakeTensorMode) that value check is skipped: it
+needs the data; the shape, dtype and device checks still run.
 """
-import os
-
 import torch
 
-from minirl.kernels.linear_logprobs import linear_logprobs_chunked
-from minirl.kernels.reference import token_logprobs_reference
 from minirl.common import MinirlError
+from minirl.kernels import ops
+from minirl.kernels.reference import KL_ESTIMATORS, token_stats
 
-BACKENDS = ("auto", "triton", "torch")
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def resolve_backend(backend, device) -> str:
-    """'triton' or 'torch' for tensors on `device` (see the module docstring)."""
-    if backend is None:
-        backend = "auto"
-    if backend not in BACKENDS:
-        raise MinirlError(f"backend={backend!r}: choose one of {BACKENDS}")
-    if backend == "auto":
-        backend = os.environ.get("MINIRL_KERNELS", "auto").strip().lower() or "auto"
-        if backend not in BACKENDS:
-            raise MinirlError(f"environment variable MINIRL_KERNELS={backend!r}: "
-                              f"choose one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" and _triton_available() else "torch"
-    if backend == "triton":
-        if not _triton_available():
-            raise MinirlError("backend='triton' (or MINIRL_KERNELS=triton) but triton is not "
-                              "installed; use backend='torch'")
-        interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        if torch.device(device).type != "cuda" and not interpreting:
-            raise MinirlError(f"backend='triton' needs CUDA tensors (got {device}); set "
-                              "TRITON_INTERPRET=1 before importing triton to run the "
-                              "kernels on CPU (slowly), or use backend='torch'")
-    return backend
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _has_data(t) -> bool:
+    """False while tracing (torch.compile) or on fake tensors: no values to check."""
+    from torch._subclasses.fake_tensor import is_fake
+    return not (torch.compiler.is_compiling() or is_fake(t))
 
 
 def _check_targets(targets, expected_shape, vocab, name="targets"):
@@ -73,7 +44,7 @@ def _check_targets(targets, expected_shape, vocab, name="targets"):
     if tuple(targets.shape) != tuple(expected_shape):
         raise MinirlError(f"{name} has shape {tuple(targets.shape)}, expected "
                           f"{tuple(expected_shape)}")
-    if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):  # host sync
+    if targets.numel() and _has_data(targets) and bool(((targets < 0) | (targets >= vocab)).any()):  # host sync
         bad = targets[(targets < 0) | (targets >= vocab)][0].item()
         raise MinirlError(f"{name} holds {bad}, outside the vocabulary [0, {vocab})")
 
@@ -96,18 +67,13 @@ def token_logprobs(logits, targets, return_entropy=False, backend=None):
     lead = logits.shape[:-1]
     _check_targets(targets, lead, V)
 
-    if resolve_backend(backend, logits.device) == "torch":
-        return token_logprobs_reference(logits, targets, return_entropy)
-
-    if logits.dtype not in _KERNEL_DTYPES:
+    if ops.resolve_backend(backend, logits.device) == "triton" and logits.dtype not in _KERNEL_DTYPES:
         raise MinirlError(f"the Triton kernel takes bf16, fp16 or fp32 logits, got "
                           f"{logits.dtype} (use backend='torch')")
-    from minirl.kernels.logprobs import token_logprobs_triton
-
     logits2d = logits.reshape(-1, V)  # [N, V]; a view whenever the rows are evenly strided
-    if logits2d.stride(-1) != 1:  # the kernel needs contiguous rows; rows may be strided
+    if logits2d.stride(-1) != 1:  # the kernels need contiguous rows; rows may be strided
         logits2d = logits2d.contiguous()
-    out = token_logprobs_triton(logits2d, targets.reshape(-1).contiguous(), return_entropy)
+    out = ops.token_logprobs(logits2d, targets.reshape(-1).contiguous(), return_entropy, backend)
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)
     return out.reshape(lead)
@@ -145,14 +111,12 @@ def linear_logprobs(hidden, weight, targets, return_entropy=False, chunk_size=No
     lead = hidden.shape[:-1]
     _check_targets(targets, lead, V)
 
-    use_triton = resolve_backend(backend, hidden.device) == "triton"
-    if use_triton and hidden.dtype not in _KERNEL_DTYPES:
+    if ops.resolve_backend(backend, hidden.device) == "triton" and hidden.dtype not in _KERNEL_DTYPES:
         raise MinirlError(f"the Triton kernel takes bf16, fp16 or fp32, got {hidden.dtype} "
                           "(use backend='torch')")
     hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # [N, H]; copy only if needed
     targets1d = targets.reshape(-1).contiguous()  # [N]
-    out = linear_logprobs_chunked(hidden2d, weight, targets1d, return_entropy, chunk_size,
-                                  use_triton)
+    out = ops.linear_logprobs(hidden2d, weight, targets1d, return_entropy, chunk_size, backend)
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)
     return out.reshape(lead)
@@ -160,26 +124,22 @@ def linear_logprobs(hidden, weight, targets, return_entropy=False, chunk_size=No
 
 def grpo_token_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, ref_logp=None,
                     beta=0.0, kl_estimator="k3", backend=None):
-    """GRPO per-token loss: clipped surrogate (asymmetric clip) + beta * KL to a reference.
+    """GRPO per-token loss: clipped surrogate (asymmetric clip) + beta * KL to a reference,
+    the formula in minirl/grpo.py's module docstring (kl_estimator "k1" | "k2" | "k3").
 
     logp [N, T] (the policy's log-probs, differentiable), old_logp [N, T] (the sampling
     policy's), advantages [N] (one per sequence) or [N, T], mask [N, T] (nonzero = a real
-    completion token), ref_logp [N, T] or None. With r = exp(logp - old_logp):
-
-        loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * kl,   0 where masked
-        with log_r = ref_logp - logp:
-        kl   = k1: -log_r  |  k2: log_r^2 / 2  |  k3: exp(log_r) - log_r - 1
+    completion token, 0 = padding: loss 0), ref_logp [N, T] or None.
 
     Returns (loss [N, T] fp32, stats) where stats holds 0-dim fp32 tensors (no host sync)
-    computed over the unmasked tokens:
+    computed over the unmasked tokens (A the advantage, r = exp(logp - old_logp)):
         clip_low_frac   fraction with A < 0 and r < 1 - eps_low (gradient zeroed by the clip)
         clip_high_frac  fraction with A > 0 and r > 1 + eps_high (likewise)
         clip_frac       their sum
         ratio_mean, ratio_min, ratio_max   of r (1.0 when no token is unmasked)
         kl_mean         mean KL estimate (0 without ref_logp); logged even when beta = 0
         n_tokens        number of unmasked tokens
-    Gradients flow to logp only. The maths is minirl.grpo.token_loss (plain PyTorch, or the
-    Triton kernel by backend); how the per-token loss is aggregated is minirl.grpo.aggregate."""
+    Gradients flow to logp only. How the per-token loss is aggregated is minirl.grpo.aggregate."""
     for name, x in (("logp", logp), ("old_logp", old_logp)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise MinirlError(f"{name} must be a tensor [N, T]")
@@ -199,7 +159,6 @@ def grpo_token_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2,
     if ref_logp is not None:
         if not ref_logp.is_floating_point() or tuple(ref_logp.shape) != shape:
             raise MinirlError(f"ref_logp must be floating point with shape {list(shape)}")
-    from minirl.grpo import KL_ESTIMATORS, token_loss, token_stats  # grpo imports this module
     if kl_estimator not in KL_ESTIMATORS:
         raise MinirlError(f"kl_estimator={kl_estimator!r}: choose one of {KL_ESTIMATORS}")
     if beta < 0 or eps_low < 0 or eps_high < 0:
@@ -217,6 +176,7 @@ def grpo_token_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2,
     def f32(x):  # the kernel reads contiguous fp32 [N, T]; these are small
         return None if x is None else x.to(torch.float32).contiguous()
 
-    loss, ratio, kl, clipped = token_loss(f32(logp), f32(old_logp), f32(advantages), mask.contiguous(),
-                                          eps_low, eps_high, f32(ref_logp), beta, kl_estimator, backend)
+    loss, ratio, kl, clipped = ops.grpo_token_loss(f32(logp), f32(old_logp), f32(advantages),
+                                                   mask.contiguous(), eps_low, eps_high, f32(ref_logp),
+                                                   beta, kl_estimator, backend)
     return loss, token_stats(mask, ratio, kl, clipped)

@@ -10,8 +10,8 @@ import torch
 
 from minirl.common import MinirlError
 from conftest import fp64_logprobs, rel_err
-from minirl.losses import (grpo_token_loss, linear_logprobs, resolve_backend,
-                           token_logprobs)
+from minirl.kernels.ops import resolve_backend
+from minirl.losses import grpo_token_loss, linear_logprobs, token_logprobs
 
 try:
     import triton  # noqa: F401
@@ -248,8 +248,8 @@ def test_env_var_selects_triton(monkeypatch):
     """MINIRL_KERNELS=triton on CPU tensors runs the kernel (here, in the interpreter)."""
     import minirl.kernels.logprobs as klp
     calls = []
-    real = klp.token_logprobs_triton
-    monkeypatch.setattr(klp, "token_logprobs_triton", lambda *a: calls.append(1) or real(*a))
+    real = klp.logprobs_fwd_triton
+    monkeypatch.setattr(klp, "logprobs_fwd_triton", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setenv("MINIRL_KERNELS", "triton")
     logits = torch.randn(2, 5, device=DEVICE)
     lp = token_logprobs(logits, torch.tensor([0, 4], device=DEVICE))
