@@ -95,7 +95,7 @@ def planned(model, rows, prompt_len, new_tokens) -> dict:
         cmd = [sys.executable, "-m", "minirl.plan", "--model", model, "--device", "cpu", "--dtype", "fp32",
                "--gradient-checkpointing", "off", "--prompt-len", str(prompt_len), "--max-new-tokens", str(new_tokens),
                "--micro-batch-tokens", str(rows * (prompt_len + new_tokens)), "--prompts-per-step", str(rows),
-               "--num-samples", "2", "--no-search", "--json", path]
+               "--num-samples", "2", "--json", path]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-2000:])

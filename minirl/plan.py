@@ -142,7 +142,7 @@ class LiveMemory(TorchDispatchMode):
             return
         self._sizes[key] = storage.nbytes()
         self.live += self._sizes[key]
-        if self.live > self.peak and self.live > 1.01 * self._collected:
+        if self.live > self.peak and self.live > max(1.02 * self._collected, self._collected + 4 * 2**20):
             # Fake tensors sit in reference cycles, which Python frees only when its cycle
             # collector runs; a real step frees them at once. Collect before a new peak.
             gc.collect()
@@ -542,7 +542,7 @@ def build_parser():
     a("--device", default="cuda", choices=["cuda", "cpu"],
       help="plan a GPU run (default) or a CPU run (how the plan is checked against a measured step)")
     a("--prompt-len", type=int, default=None, help="GRPO prompt tokens (default: --max-prompt-len or 256)")
-    a("--no-search", action="store_true", help="skip the second fake run that checks the largest micro-batch")
+    a("--check", action="store_true", help="check the largest micro-batch with a second fake run (doubles the time)")
     a("--json", default=None, metavar="FILE", help="also write the plan as JSON")
     return p
 
@@ -564,7 +564,7 @@ def main(argv=None):
     if args.gpu_memory is not None:
         gpu, name = (int(args.gpu_memory * GiB), *gpu[1:]), f"{args.gpu_memory:g} GiB"
     usable = gpu[0] - (RESERVED if args.device == "cuda" else 0)
-    plan = make_plan(cfg, S, usable, gpu, args.ranks, search=not args.no_search)
+    plan = make_plan(cfg, S, usable, gpu, args.ranks, search=args.check)
     print(format_plan(cfg, S, plan, name))
     if args.json:
         atomic_write_json(args.json, {"gpu": name, "dtype": str(S.dtype), "trainer": S.trainer, **{
