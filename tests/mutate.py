@@ -23,6 +23,7 @@ non-zero when any mutant survived or is stale.
 The first three WIRING mutants are the wiring bugs of issue 18, which once survived the whole suite.
 """
 import argparse
+import concurrent.futures
 import glob
 import importlib.util
 import os
@@ -379,6 +380,8 @@ def run_mutant(name, path, text, replacement, tests, files):
                               cwd=tmp, env=env, capture_output=True, text=True)
         if proc.returncode == 0:
             return "SURVIVED", time.time() - t0, proc.stdout.strip().splitlines()[-1]
+        if proc.returncode in (4, 5):  # a test file not found, or no test collected: not a catch
+            return "stale", time.time() - t0, f"pytest exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-200:]}"
         return "caught", time.time() - t0, caught_by(proc.stdout)
 
 
@@ -388,6 +391,7 @@ def parse_args():
     p.add_argument("--module", action="append", default=[], help="only this module's mutants (repeatable)")
     p.add_argument("--check", action="store_true", help="only check that every mutant's text is found once")
     p.add_argument("--list", action="store_true", help="list the modules and their number of mutants")
+    p.add_argument("--jobs", type=int, default=1, help="mutants run at once (each is one pytest process)")
     return p.parse_args()
 
 
@@ -412,16 +416,25 @@ def main():
         verdicts.append("equivalent" if found == 1 else "stale")
         rows.append((name, mod, f"equivalent: {reason}" if found == 1 else f"STALE: text found {found} times in {path}"))
     files = None if args.check else tracked_files()
-    for mod, m in chosen:
+
+    def one(m):
         if args.check:
             found = times_found(m[1], m[2])
-            verdict, seconds, detail = ("ok", 0.0, "") if found == 1 else ("stale", 0.0, f"text found {found} times")
-        else:
-            verdict, seconds, detail = run_mutant(*m, files)
+            return ("ok", 0.0, "") if found == 1 else ("stale", 0.0, f"text found {found} times")
+        return run_mutant(*m, files)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(one, m): (mod, m) for mod, m in chosen}
+        done = {}
+        for fut in concurrent.futures.as_completed(futures):
+            mod, m = futures[fut]
+            verdict, seconds, detail = done[m[0]] = fut.result()
+            if not args.check or verdict != "ok":
+                print(f"{m[0]:<42} {mod:<10} {verdict:<9} {seconds:6.0f}s  {detail}", flush=True)
+    for mod, m in chosen:  # the table keeps the order of the lists
+        verdict, _, detail = done[m[0]]
         verdicts.append(verdict)
         rows.append((m[0], mod, {"caught": f"caught by `{detail}`", "stale": f"STALE: {detail}"}.get(verdict, verdict)))
-        if not args.check or verdict != "ok":
-            print(f"{m[0]:<42} {mod:<10} {verdict:<9} {seconds:6.0f}s  {detail}", flush=True)
     total = time.time() - t_start
     n_run = len(chosen)
     if args.check:
