@@ -243,7 +243,8 @@ MODEL = [
      "smooth = (old_len / wavelen - lo) / (hi - lo)", "smooth = (old_len / wavelen - hi) / (hi - lo)", MODEL_TESTS),
     ("model-qwen3-without-qk-norm", "minirl/model.py", 'qk_norm=(mt == "qwen3")', "qk_norm=False", MODEL_TESTS),
     ("model-segments-ignored", "minirl/model.py",
-     "            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])\n", "", MODEL_TESTS),
+     "        if segment_ids is not None:\n            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])\n",
+     "", MODEL_TESTS),
     ("model-rms-eps-default", "minirl/model.py", 'rms_norm_eps=d.get("rms_norm_eps", 1e-6)',
      'rms_norm_eps=d.get("rms_norm_eps", 1e-5)', MODEL_TESTS),
     ("model-kv-cache-column-offset", "minirl/model.py",
@@ -368,6 +369,10 @@ def run_mutant(name, path, text, replacement, tests, files):
         return "stale", 0.0, f"text found {found} times in {path}"
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
         source = f.read()
+    try:  # a mutant that does not compile would be "caught" by any test: not a real bug
+        compile(source.replace(text, replacement), path, "exec")
+    except SyntaxError as e:
+        return "stale", 0.0, f"the mutated {path} does not compile ({e.msg}, line {e.lineno})"
     with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
         for rel in files:
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)) or tmp, exist_ok=True)
