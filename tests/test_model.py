@@ -353,3 +353,18 @@ def test_save_is_atomic_on_failure(tmp_path, good_folder):
         save_model(model, tmp_path / "out", tokenizer=Boom())
     assert not (tmp_path / "out").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_config_defaults_are_transformers_defaults(family):
+    # A hand-written config.json may leave out everything but the sizes: each missing key must
+    # mean what it means to transformers, or the same weights give another model.
+    sizes = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    ours = minirl.ModelConfig.from_hf({"model_type": family, **sizes})
+    theirs = transformers.AutoConfig.for_model(family, **sizes)
+    rope = getattr(theirs, "rope_parameters", None) or {}
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.rope_theta == rope.get("rope_theta", getattr(theirs, "rope_theta", None))
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+    if family == "llama":  # Qwen configs default to 32 KV heads whatever the head count; minirl: no GQA
+        assert ours.num_key_value_heads == theirs.num_key_value_heads
