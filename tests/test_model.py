@@ -353,3 +353,41 @@ def test_save_is_atomic_on_failure(tmp_path, good_folder):
         save_model(model, tmp_path / "out", tokenizer=Boom())
     assert not (tmp_path / "out").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_config_defaults_are_transformers_defaults(family):
+    # A hand-written config.json may leave out everything but the sizes: each missing key must
+    # mean what it means to transformers, or the same weights give another model.
+    sizes = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    ours = minirl.ModelConfig.from_hf({"model_type": family, **sizes})
+    theirs = transformers.AutoConfig.for_model(family, **sizes)
+    rope = getattr(theirs, "rope_parameters", None) or {}
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    assert ours.rope_theta == rope.get("rope_theta", getattr(theirs, "rope_theta", None))
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+    if family == "llama":  # Qwen configs default to 32 KV heads whatever the head count; minirl: no GQA
+        assert ours.num_key_value_heads == theirs.num_key_value_heads
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},   # Llama 3.1's values: every band is populated
+    {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+     "original_max_position_embeddings": 512},
+    {"rope_type": "linear", "factor": 3.0}])
+def test_rope_frequencies_equal_transformers(scaling):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from minirl.model import rope_inverse_frequencies
+    hf_cfg = transformers.LlamaConfig(hidden_size=1024, num_attention_heads=8, rope_theta=500000.0,
+                                      rope_scaling=dict(scaling), max_position_embeddings=131072)
+    ours = rope_inverse_frequencies(minirl.ModelConfig.from_hf(hf_cfg.to_dict()))
+    theirs, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf_cfg, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))
+    assert ours.shape == theirs.shape == (64,)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
+    if scaling["rope_type"] == "llama3":  # kept, divided and blended frequencies all present
+        ratio = plain / ours
+        assert (ratio == 1).any() and (ratio == scaling["factor"]).any()
+        assert ((ratio > 1.01) & (ratio < scaling["factor"] - 0.01)).any()

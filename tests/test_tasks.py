@@ -158,3 +158,11 @@ def test_load_reward_fn(tmp_path):
     broken.write_text("import not_a_module_anywhere\n")
     with pytest.raises(MinirlError, match="importing .* failed"):
         load_reward_fn(f"{broken}:fn")
+
+
+def test_countdown_a_number_used_twice_is_refused_even_when_the_value_is_right():
+    # 5*5-3 = 22 from [3, 5, 7] uses 5 twice; the same expression is fine when 5 is given twice.
+    assert check_countdown("5*5-3", [3, 5, 7], 22) is False
+    assert verify(_countdown([3, 5, 7], 22), "\\boxed{5*5-3}") == 0.0
+    assert check_countdown("5*5-3", [5, 3, 5], 22) is True
+    assert check_countdown("(7-3)*(7-2)", [7, 3, 2], 20) is False

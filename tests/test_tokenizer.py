@@ -148,3 +148,32 @@ def test_builtin_refuses_a_template_it_cannot_render():
     gemma = "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
     with pytest.raises(minirl.MinirlError, match="jinja2"):
         builtin_chat_template(CONVERSATIONS[0], True, gemma)
+
+
+def special_ids_tokenizer(config, generation_config, tmp_path):
+    """A tokenizer folder as a user brings it (tokenizer.json + the two config files), loaded."""
+    import json
+
+    from minirl import load_tokenizer
+    from minirl.tokenizer import char_tokenizer
+    char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))  # ids: <pad> 0 <bos> 1 <eos> 2 <unk> 3 a 4 b 5
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
+    return load_tokenizer(str(tmp_path))
+
+
+def test_eos_ids_are_the_tokenizers_plus_every_generation_config_id(tmp_path):
+    tok = special_ids_tokenizer({"eos_token": "<eos>"}, {"eos_token_id": [5, 2, 4]}, tmp_path)
+    assert tok.eos_token_ids == [2, 5, 4]           # the tokenizer's own first, no repeats
+    tok = special_ids_tokenizer({}, {"eos_token_id": 4}, tmp_path)
+    assert tok.eos_token_ids == [4]
+
+
+def test_pad_and_bos_fall_back_to_generation_config_then_eos(tmp_path):
+    tok = special_ids_tokenizer({"eos_token": "<eos>"}, {"bos_token_id": 1}, tmp_path)
+    assert tok.bos_token_id == 1 and tok.pad_token_id == 2   # no pad anywhere: the first eos
+    tok = special_ids_tokenizer({"eos_token": "<eos>"}, {"pad_token_id": 5, "eos_token_id": [4]}, tmp_path)
+    assert tok.pad_token_id == 5 and tok.bos_token_id is None
+    tok = special_ids_tokenizer({"bos_token": "<bos>", "pad_token": "<pad>", "eos_token": "<eos>"},
+                                {"bos_token_id": 4, "pad_token_id": 5}, tmp_path)
+    assert (tok.bos_token_id, tok.pad_token_id) == (1, 0)    # the tokenizer's own tokens win
