@@ -52,12 +52,15 @@ speed and memory); one wave, the exact loop; the fast path. What is implemented,
   distribution at temperature 1).
 * Randomness. One uniform number per sampled token, and the token is read off the inverse
   CDF of the sampling distribution (cumulative sum in fp64; a token of probability 0 is
-  never chosen). Each row (prompt p, sample j) has its own stream: a CPU generator seeded
-  with the row's seed. Row seeds come either from one base generator, drawn in request order
-  (`generator`, or a CPU torch.Generator seeded with `seed`, or one seeded from torch's
-  global RNG when neither is given), or, with `seeds=[one int per prompt]`, from
-  minirl.common.make_generator(seeds[p], "sample", j): then row (p, j)'s stream depends on
-  (seeds[p], j) only, not on the other prompts of the call or their order. Hence: the same
+  never chosen). Each row (prompt p, sample j) has its own stream: its uniforms are
+  torch.rand(max_new_tokens, dtype=torch.float64) from a CPU generator seeded with the row's
+  seed, the t-th for its t-th token. Row seeds come either from one base generator, drawn in
+  request order (torch.randint(0, 2**62, (prompts x n,)) from `generator`, or from a CPU
+  torch.Generator seeded with `seed`, or from one seeded from torch's global RNG when neither
+  is given), or, with `seeds=[one int per prompt]`, from
+  minirl.common.make_generator(seeds[p], "sample", j).initial_seed(): then row (p, j)'s
+  stream depends on (seeds[p], j) only, not on n, the other prompts of the call or their
+  order. Hence: the same
   seed gives the same output (bitwise on CPU); the n samples of a prompt are independent; and
   the random numbers a row uses do not depend on waves, compaction, batch order or the device.
   What can still differ between two batchings is the logits themselves (floating-point
