@@ -4,7 +4,10 @@
                    top_k=50, stop_token_ids=[eos], seed=0, return_logprobs=True)
     out[p][j].token_ids, out[p][j].finish_reason, out[p][j].logprobs   # prompt p, sample j
 
-A walk through the code, in reading order, is docs/sampler.md. What is implemented, exactly:
+A walk through the code, in reading order, is docs/sampler.md. The file's parts, in that order:
+the sampling distribution; checks and plans; the entry point `generate` (its keyword
+arguments in six groups: what to draw, the distribution, ends and bans, randomness, output,
+speed and memory); one wave, the exact loop; the fast path. What is implemented, exactly:
 
 * Waves. The request is a list of (prompt, sample) rows. Prompts are ordered by length
   (longest first, stable) and the rows are cut into waves whose KV cache holds at most
@@ -20,23 +23,25 @@ A walk through the code, in reading order, is docs/sampler.md. What is implement
   discarded) until at least a quarter of the batch has finished; then the batch is compacted
   (`_compact`: finished rows dropped from cache, mask, positions and every per-row buffer,
   in place).
-* Static shapes (`static_shapes`, default: on CUDA with `use_cuda_graph`). The decode step
-  runs in fixed shapes so that it can be captured in a CUDA graph per (batch bucket,
-  cache-width bucket): batches are padded up to a power of two (the padding rows are stale
-  rows whose results are ignored), the cache width to a multiple of `GRAPH_WIDTH_STEP`
-  columns (the causal mask hides the columns not yet written), the write column and step
-  index are device tensors, stop flags are read by the host every `CUDA_SYNC_EVERY` steps,
-  and sampling runs over the whole vocabulary (no host check). The batch is compacted when
-  the live rows fit a smaller bucket. On CUDA the step is captured (unless
-  use_cuda_graph=False); elsewhere `static_shapes=True` runs the same loop eagerly. The graph
-  capture itself has, at the time of writing, not yet been run on a GPU.
+* The fast path: static shapes (`static_shapes`, default: on CUDA with `use_cuda_graph`), in
+  the last part of this file. The decode step runs in fixed shapes so that it can be captured
+  in a CUDA graph per (batch bucket, cache-width bucket): batches are padded up to a power of
+  two (`_bucket`; the padding rows are stale rows whose results are ignored), the attended
+  width to a multiple of `GRAPH_WIDTH_STEP` columns (`_static_width`; the causal mask hides the
+  columns not yet written), the write column and step index are device tensors, stop flags are
+  read by the host every `CUDA_SYNC_EVERY` steps, and sampling runs over the whole vocabulary
+  (no host check). The batch is compacted when the live rows fit a smaller bucket. On CUDA the
+  step is captured (`_GraphRunner`, unless use_cuda_graph=False); elsewhere
+  `static_shapes=True` runs the same loop eagerly. The graph capture itself has, at the time of
+  writing, not yet been run on a GPU.
 * Sampling, defined once (`sampling_logprobs`; the rule of top-k and top-p is `_cutoff`):
   banned tokens get -inf first (they can never appear, whatever the temperature); then
   logits / temperature; top-k keeps the tokens whose logit is >= the k-th largest (ties at
   the boundary kept, as in transformers); top-p keeps the smallest prefix of the tokens
   sorted by probability whose mass reaches top_p (the top token always), plus every token
-  tied with the last one kept. temperature == 0 is greedy (argmax over the non-banned
-  tokens; top-k/top-p ignored). `sample_next` draws from that distribution; with top-k, or
+  tied with the last one kept (top_k = 0 or >= the vocabulary size, and top_p = 1, are off).
+  temperature == 0 is greedy (argmax over the non-banned tokens; top-k/top-p ignored).
+  `sample_next` draws from that distribution; with top-k, or
   top-p whose nucleus lies in the 256 most likely tokens, it works on those candidates only
   after a check that this is exact (much cheaper on a CPU), otherwise (and always with static
   shapes) over the whole vocabulary: the same token for the same random number.
@@ -47,12 +52,15 @@ A walk through the code, in reading order, is docs/sampler.md. What is implement
   distribution at temperature 1).
 * Randomness. One uniform number per sampled token, and the token is read off the inverse
   CDF of the sampling distribution (cumulative sum in fp64; a token of probability 0 is
-  never chosen). Each row (prompt p, sample j) has its own stream: a CPU generator seeded
-  with the row's seed. Row seeds come either from one base generator, drawn in request order
-  (`generator`, or a CPU torch.Generator seeded with `seed`, or one seeded from torch's
-  global RNG when neither is given), or, with `seeds=[one int per prompt]`, from
-  minirl.common.make_generator(seeds[p], "sample", j): then row (p, j)'s stream depends on
-  (seeds[p], j) only, not on the other prompts of the call or their order. Hence: the same
+  never chosen). Each row (prompt p, sample j) has its own stream: its uniforms are
+  torch.rand(max_new_tokens, dtype=torch.float64) from a CPU generator seeded with the row's
+  seed, the t-th for its t-th token. Row seeds come either from one base generator, drawn in
+  request order (torch.randint(0, 2**62, (prompts x n,)) from `generator`, or from a CPU
+  torch.Generator seeded with `seed`, or from one seeded from torch's global RNG when neither
+  is given), or, with `seeds=[one int per prompt]`, from
+  minirl.common.make_generator(seeds[p], "sample", j).initial_seed(): then row (p, j)'s
+  stream depends on (seeds[p], j) only, not on n, the other prompts of the call or their
+  order. Hence: the same
   seed gives the same output (bitwise on CPU); the n samples of a prompt are independent; and
   the random numbers a row uses do not depend on waves, compaction, batch order or the device.
   What can still differ between two batchings is the logits themselves (floating-point
@@ -67,6 +75,7 @@ A walk through the code, in reading order, is docs/sampler.md. What is implement
 Library code: no printing. Errors a caller can cause raise MinirlError (a ValueError)
 naming the argument, before any work is done.
 """
+import copy
 import math
 from dataclasses import dataclass
 from typing import List, Optional
@@ -80,8 +89,6 @@ from minirl.model import KVCache
 
 PREFILL_TOKENS = 8192          # max tokens (rows x padded prompt length) per prefill forward
 COMPACT_FRACTION = 0.25        # compact once this fraction of the computed rows has finished
-CUDA_SYNC_EVERY = 16           # static shapes: the host looks at the stop flags every this many steps
-GRAPH_WIDTH_STEP = 128         # static shapes: cache widths are padded to multiples of this
 CPU_CACHE_BYTES = 2 * 1024**3  # default KV budget on CPU
 CUDA_FREE_FRACTION = 0.4       # default KV budget on CUDA: this fraction of free memory
 SAMPLING_BYTES_PER_VOCAB = 40  # temporaries of sample_next per row and vocabulary entry
@@ -211,7 +218,7 @@ def _candidates(x: torch.Tensor, k: int, top_p: float):
     return vals.masked_fill(vals < cut, float("-inf")), idx
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- checks and plans
 
 def _model_device_dtype(model):
     p = next(model.parameters())
@@ -356,34 +363,36 @@ def _plan_waves(lengths: List[int], n: int, max_new: int, budget: int, max_rows:
     return waves
 
 
-def _bucket(rows: int, cap: int) -> int:
-    """Static shapes: the batch size computed for `rows` live rows (a power of two, <= cap)."""
-    return min(cap, 1 << max(0, rows - 1).bit_length())
-
-
-# ----------------------------------------------------------------------------- entry point
-
-@dataclass
-class _Options:
-    """What every step of every wave needs: sampling settings, stop and ban rules, the mode."""
-    max_new: int
-    sampling: dict                         # keyword arguments of sample_next
-    stop_ids: torch.Tensor                 # [S] stop token ids ([-1]: none)
-    banned_mask: Optional[torch.Tensor]    # [V] banned_token_ids (None with banned words: in `ban`)
-    ban: Optional[BanTables]               # banned words (and banned_token_ids), on the device
-    static: bool                           # static shapes (see the module docstring)
-    capture: bool                          # static steps captured in CUDA graphs
-
+# ----------------------------------------------------------------------------- the entry point
 
 @torch.inference_mode()
-def generate(model, prompts, *, n: int = 1, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, stop_token_ids=None, banned_token_ids=None,
-             banned_words: Optional[BannedWords] = None, seed: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, seeds: Optional[List[int]] = None,
-             return_logprobs: bool = False, max_batch_tokens: Optional[int] = None,
-             use_cuda_graph: bool = True, static_shapes: Optional[bool] = None) -> List[List[Completion]]:
-    """For each prompt (a list of token ids), its n completions in order. See the module
-    docstring for the exact semantics of every argument."""
+def generate(model, prompts, *,
+             # what to draw
+             n: int = 1, max_new_tokens: int,
+             # the sampling distribution
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             # ends and bans
+             stop_token_ids=None, banned_token_ids=None, banned_words: Optional[BannedWords] = None,
+             # randomness (at most one of the three)
+             seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             seeds: Optional[List[int]] = None,
+             # output
+             return_logprobs: bool = False,
+             # speed and memory (never the random numbers a row uses)
+             max_batch_tokens: Optional[int] = None, use_cuda_graph: bool = True,
+             static_shapes: Optional[bool] = None) -> List[List[Completion]]:
+    """For each prompt (a list of token ids), its n completions in order. Every argument after
+    `prompts` is a keyword; the exact semantics are in the module docstring, by group:
+
+    what to draw       n samples per prompt, at most max_new_tokens tokens each (Waves, Stops)
+    the distribution   temperature (0: greedy), top_k (0: off), top_p (1: off) (Sampling)
+    ends and bans      stop_token_ids, banned_token_ids, banned_words (Stops, Sampling, Banned words)
+    randomness         seed, or generator, or seeds=[one int per prompt]; none: torch's
+                       global RNG (Randomness)
+    output             return_logprobs: Completion.logprobs per token (Log-probs)
+    speed and memory   max_batch_tokens (Waves), use_cuda_graph and static_shapes (the fast
+                       path); they change how the work is cut, not the random numbers a row uses
+    """
     prompts, stop, banned = _validate(model, prompts, n, max_new_tokens, temperature, top_p, top_k,
                                       stop_token_ids, banned_token_ids, max_batch_tokens)
     _check_seeds(seed, generator, seeds, len(prompts))
@@ -394,22 +403,9 @@ def generate(model, prompts, *, n: int = 1, max_new_tokens: int, temperature: fl
     if not prompts:
         return []
     row_seeds = _row_seeds(len(prompts), n, seed, generator, seeds)
-    device, _ = _model_device_dtype(model)
-    vocab = model.config.vocab_size
-
-    banned_mask, ban = None, None
-    if banned_words is not None:
-        ban = banned_words.tables(vocab, stop, banned, device)
-    elif banned:
-        banned_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
-        banned_mask[torch.tensor(banned, device=device)] = True
-    static = (use_cuda_graph and device.type == "cuda") if static_shapes is None else static_shapes
-    opts = _Options(max_new=max_new_tokens, stop_ids=torch.tensor(stop or [-1], device=device),
-                    sampling=dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                                  need_logprobs=return_logprobs, sync_free=static),
-                    banned_mask=banned_mask, ban=ban, static=static,
-                    capture=static and use_cuda_graph and device.type == "cuda")
-
+    opts = _options(model, max_new_tokens, dict(temperature=float(temperature), top_k=int(top_k),
+                                                top_p=float(top_p), need_logprobs=return_logprobs),
+                    stop, banned, banned_words, use_cuda_graph, static_shapes)
     budget = max_batch_tokens or default_max_batch_tokens(model)
     waves = _plan_waves([len(p) for p in prompts], n, max_new_tokens, budget, _default_max_rows(model))
     results: List[List[Optional[Completion]]] = [[None] * n for _ in prompts]
@@ -420,7 +416,36 @@ def generate(model, prompts, *, n: int = 1, max_new_tokens: int, temperature: fl
     return results
 
 
-# ----------------------------------------------------------------------------- one wave
+@dataclass
+class _Options:
+    """What every step of every wave needs: sampling settings, stop and ban rules, the mode."""
+    max_new: int
+    sampling: dict                         # keyword arguments of sample_next
+    stop_ids: torch.Tensor                 # [S] stop token ids ([-1]: none)
+    banned_mask: Optional[torch.Tensor]    # [V] banned_token_ids (None with banned words: in `ban`)
+    ban: Optional[BanTables]               # banned words (and banned_token_ids), on the device
+    static: bool                           # static shapes (the fast path)
+    capture: bool                          # static steps captured in CUDA graphs
+
+
+def _options(model, max_new: int, sampling: dict, stop: List[int], banned: List[int],
+             banned_words: Optional[BannedWords], use_cuda_graph: bool, static_shapes: Optional[bool]) -> _Options:
+    """The checked arguments as device tables and flags, once per call."""
+    device, _ = _model_device_dtype(model)
+    vocab = model.config.vocab_size
+    banned_mask, ban = None, None
+    if banned_words is not None:
+        ban = banned_words.tables(vocab, stop, banned, device)
+    elif banned:
+        banned_mask = torch.zeros(vocab, dtype=torch.bool, device=device)  # [V]
+        banned_mask[torch.tensor(banned, device=device)] = True
+    static = (use_cuda_graph and device.type == "cuda") if static_shapes is None else static_shapes
+    return _Options(max_new=max_new, sampling=dict(sampling, sync_free=static),
+                    stop_ids=torch.tensor(stop or [-1], device=device), banned_mask=banned_mask, ban=ban,
+                    static=static, capture=static and use_cuda_graph and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- one wave: the exact loop
 
 @dataclass
 class _Rows:
@@ -509,15 +534,15 @@ def _prefill(model, prompts, wave, cache: KVCache, P: int) -> torch.Tensor:
         logits[c0:c0 + U] = model.logits(h[:, -1])  # [U, V] the last position only
         sel = ((row_prompt >= c0) & (row_prompt < c0 + U)).nonzero()[:, 0]  # [r] rows of these prompts
         src = row_prompt.index_select(0, sel) - c0  # [r]
-        r0, r1 = int(sel[0]), int(sel[-1]) + 1
-        for dst_l, src_l in zip(cache.k + cache.v, pre.k + pre.v):
-            dst_l[r0:r1, :, :P] = src_l.index_select(0, src)  # [r, Hkv, P, D]
+        _copy_rows(cache, int(sel[0]), pre, src)
     return logits.index_select(0, row_prompt)  # [R, V]
 
 
 def _decode(model, rows: _Rows, out: _Outputs, P: int, opts: _Options):
     """Tokens 1 .. T-1 of every row, one forward of one token per row per step; finished rows
-    are compacted away (see the module docstring for when)."""
+    are compacted away (see the module docstring for when). With opts.static the three
+    decisions of the fast path (rows computed, width attended, how often the host looks at
+    the stops) come from the last part of this file."""
     R, W = rows.rows.numel(), P + opts.max_new
     device = rows.ids.device
     runner = _GraphRunner() if opts.capture else None
@@ -534,9 +559,7 @@ def _decode(model, rows: _Rows, out: _Outputs, P: int, opts: _Options):
             if live <= (1 - COMPACT_FRACTION) * m and target_B < B:
                 _compact(rows, m)
                 m, B = live, target_B
-        width = P + t  # columns 0 .. P + t - 1 are attended to
-        if opts.static:
-            width = min(W, -(-width // GRAPH_WIDTH_STEP) * GRAPH_WIDTH_STEP)
+        width = _static_width(P + t, W) if opts.static else P + t  # columns 0 .. P + t - 1 are attended to
         args = (model, rows, B, width, col, step, opts)
         tok, lp = runner.step(*args) if runner is not None else _decode_step(*args)  # [B], [B]
         _record(out, rows, t, tok, lp, m, opts.stop_ids)
@@ -549,9 +572,8 @@ def _decode(model, rows: _Rows, out: _Outputs, P: int, opts: _Options):
 def _decode_step(model, rows: _Rows, B: int, width: int, col, step, opts: _Options):
     """One token for each of the first B rows: forward [B, 1] through the cache, sample. Static
     shapes and no host synchronisation (with opts.static), so it can be captured in a CUDA graph."""
-    cache = KVCache.__new__(KVCache)  # the first B rows, as views
-    cache.k, cache.v = [k[:B] for k in rows.cache.k], [v[:B] for v in rows.cache.v]
-    h = model(rows.ids[:B], positions=rows.pos[:B], attention_mask=rows.mask[:B, :width], kv_cache=cache,
+    h = model(rows.ids[:B], positions=rows.pos[:B], attention_mask=rows.mask[:B, :width],
+              kv_cache=_first_rows(rows.cache, B),
               cache_start=col, return_hidden=True)  # [B, 1, H]
     return _sample(model.logits(h[:, 0]), rows, B, step, opts)
 
@@ -596,6 +618,48 @@ def _completions(out: _Outputs) -> List[Completion]:
     return [Completion(token_ids=tokens[r][:length[r]], finish_reason="stop" if stopped[r] else "length",
                        logprobs=logprobs[r][:length[r]] if logprobs is not None else None)
             for r in range(len(length))]
+
+
+def _first_rows(cache: KVCache, B: int) -> KVCache:
+    """The first B rows of a cache, as views (no copy): what a decode step of B rows writes to
+    and reads from."""
+    view = copy.copy(cache)
+    view.k, view.v = [k[:B] for k in cache.k], [v[:B] for v in cache.v]  # [B, Hkv, W, D] each
+    return view
+
+
+def _copy_rows(dst: KVCache, r0: int, src: KVCache, index: torch.Tensor):
+    """dst rows r0 .. r0 + len(index) - 1, in its first src.max_len columns, <- src rows `index`."""
+    r1, width = r0 + index.numel(), src.max_len
+    for d, s in zip(dst.k + dst.v, src.k + src.v):
+        d[r0:r1, :, :width] = s.index_select(0, index)  # [r, Hkv, P, D]
+
+
+# ----------------------------------------------------------------------------- the fast path: static shapes, buckets, CUDA graphs
+#
+# On a GPU a decode step of a small batch costs mostly kernel launches, so the step is captured
+# once in a CUDA graph and replayed. A graph replays fixed shapes at fixed addresses; with
+# opts.static the exact loop above therefore takes three decisions from here: how many rows
+# to compute (`_bucket`), how many cache columns to attend to (`_static_width`), and how often
+# the host reads the stop flags (CUDA_SYNC_EVERY: a read waits for the GPU). Everything else a
+# static step needs is already on the device (the write column and the step index are 0-dim
+# tensors; sample_next(sync_free=True) looks at the whole vocabulary), and _GraphRunner
+# captures and replays _decode_step per (rows, width).
+
+CUDA_SYNC_EVERY = 16           # the host looks at the stop flags every this many steps
+GRAPH_WIDTH_STEP = 128         # cache widths are padded to multiples of this
+
+
+def _bucket(rows: int, cap: int) -> int:
+    """The batch size computed for `rows` live rows: a power of two, <= cap (the extra rows are
+    stale rows whose results are ignored)."""
+    return min(cap, 1 << max(0, rows - 1).bit_length())
+
+
+def _static_width(width: int, cap: int) -> int:
+    """The cache columns attended to when `width` are needed: a multiple of GRAPH_WIDTH_STEP,
+    <= cap (the causal mask hides the columns not written yet)."""
+    return min(cap, -(-width // GRAPH_WIDTH_STEP) * GRAPH_WIDTH_STEP)
 
 
 class _GraphRunner:

@@ -1,6 +1,7 @@
 """The sampler: cached greedy decoding against full recomputation and against transformers,
 the sampling distribution against its definition (chi-square), seeds, bans, stops, waves,
 log-probs, and the errors a caller can cause."""
+import itertools
 import math
 
 import numpy as np
@@ -441,3 +442,296 @@ def test_per_prompt_seeds_do_not_depend_on_the_other_prompts(tiny):
     assert ids_of(twice)[0] == ids_of(twice)[1] == ids_of(together)[0]
     assert ids_of(generate(tiny, [prompts[0]], seeds=[seeds[0] + 1], **kw))[0] != ids_of(together)[0]
     assert len({tuple(c.token_ids) for c in together[1]}) == 3  # the n samples still differ
+
+
+# ----------------------------------------------------------------------------- properties against brute force
+#
+# The documented rule of the sampling distribution, written again by enumeration (no sorting
+# tricks, no cumulative sums of the implementation), and a naive sampler built from the
+# documented random streams: generate() must agree with both token for token.
+
+def brute_kept(x: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """The tokens the rule keeps, by enumeration. x: float64 tempered logits, -inf = banned.
+    top-k: a token is kept when fewer than k tokens have a strictly larger logit (so every
+    token tied with the k-th is kept). top-p, over the renormalised top-k distribution: among
+    all sets S that are a prefix of the probability order (no token outside S more probable
+    than one inside) and hold mass >= top_p, the smallest; then every token tied with its
+    least probable one."""
+    V = len(x)
+    keep = np.isfinite(x)
+    if 0 < top_k < V:
+        keep &= np.array([(x > x[i]).sum() < top_k for i in range(V)])
+    if top_p >= 1.0:
+        return keep
+    idx = np.nonzero(keep)[0]
+    p = np.exp(x[idx] - x[idx].max())
+    p /= p.sum()
+    best = None
+    for mask in itertools.product([False, True], repeat=len(idx)):
+        s = np.array(mask)
+        if not s.any() or (best is not None and s.sum() >= best.sum()):
+            continue
+        if s.all() or p[s].min() >= p[~s].max():
+            if p[s].sum() >= top_p:
+                best = s
+    lowest = p[best].min()
+    out = np.zeros(V, dtype=bool)
+    out[idx[p >= lowest]] = True
+    return out
+
+
+def brute_probs(logits, temperature, top_k=0, top_p=1.0, banned=()) -> np.ndarray:
+    """float64 sampling distribution: bans, temperature, the kept set above, renormalised."""
+    x = np.asarray(logits, dtype=np.float64).copy()
+    x[list(banned)] = -np.inf
+    x = x / temperature
+    kept = brute_kept(x, top_k, top_p)
+    p = np.where(kept, np.exp(x - x[kept].max()), 0.0)
+    return p / p.sum()
+
+
+def inverse_cdf(p: np.ndarray, u: float) -> int:
+    """The first token, in vocabulary order, whose cumulative probability exceeds u."""
+    return int(np.searchsorted(np.cumsum(p), u * p.sum(), side="right"))
+
+
+def safe_uniforms(p: np.ndarray, n: int, rng) -> np.ndarray:
+    """n uniforms at least 1e-6 away from every CDF boundary (float rounding cannot flip them)."""
+    cdf = np.cumsum(p)
+    u = rng.random(4 * n)
+    ok = np.abs(u[:, None] - cdf[None, :]).min(axis=1) > 1e-6
+    return u[ok][:n]
+
+
+def random_cases(count: int, seed: int):
+    """Small vocabularies with many ties (logits on a half-integer grid), every kind of top-k
+    (1, tied at the boundary, V - 1, V, > V) and top-p (tiny, at a tie, 1), bans, temperatures;
+    top-p values kept 1e-4 away from a prefix mass, where rounding would decide."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < count:
+        V = int(rng.integers(2, 10))
+        logits = rng.integers(-4, 4, V) * 0.5 + (rng.random() < 0.3) * rng.normal(0, 1, V)
+        banned = tuple(int(i) for i in np.nonzero(rng.random(V) < 0.15)[0])
+        if len(banned) == V:
+            continue
+        temperature = float(rng.choice([0.3, 0.7, 1.0, 1.8]))
+        top_k = int(rng.choice([0, 1, 2, 3, V - 1, V, V + 3]))
+        top_p = float(rng.choice([1.0, rng.uniform(0.01, 1.0)]))
+        if top_p < 1.0:
+            x = np.asarray(logits, dtype=np.float64).copy()
+            x[list(banned)] = -np.inf
+            p = brute_probs(logits, temperature, top_k, 1.0, banned)
+            masses = np.cumsum(np.sort(p)[::-1])
+            if np.abs(masses - top_p).min() < 1e-4:
+                continue
+        out.append((np.asarray(logits, dtype=np.float32), temperature, top_k, top_p, banned))
+    return out
+
+
+def test_brute_force_rule_examples():
+    """The enumeration itself, on hand-worked cases: ties at the top-k boundary kept, top-p's
+    prefix reaching the mass, its ties, top_k >= V off."""
+    x = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
+    assert brute_kept(x, 0, 0.5).tolist() == [True, True, False, False]   # 0.4 < 0.5 <= 0.7
+    assert brute_kept(x, 0, 0.35).tolist() == [True, False, False, False]
+    assert brute_kept(x, 0, 0.95).tolist() == [True, True, True, True]
+    assert brute_kept(x, 2, 0.5).tolist() == [True, False, False, False]  # 0.4 / 0.7 > 0.5
+    y = np.array([2.0, 1.0, 1.0, 1.0, 0.0])
+    assert brute_kept(y, 2, 1.0).tolist() == [True, True, True, True, False]
+    assert brute_kept(y, 1, 1.0).tolist() == [True, False, False, False, False]
+    assert brute_kept(y, 5, 1.0).all() and brute_kept(y, 9, 1.0).all()
+    assert brute_kept(y, 0, 0.5).tolist() == [True, True, True, True, False]  # p0 < 0.5: the tie joins
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["candidates", "whole-vocab"])
+def test_distribution_equals_brute_force_on_tie_heavy_cases(sync_free):
+    """sampling_logprobs is the brute-force distribution (same kept set, same values), and
+    sample_next returns, for each uniform, the brute-force inverse-CDF token and its log-prob."""
+    rng = np.random.default_rng(1)
+    for logits, temperature, top_k, top_p, banned in random_cases(250, seed=0):
+        V = len(logits)
+        mask = torch.zeros(V, dtype=torch.bool)
+        mask[list(banned)] = True
+        expect = brute_probs(logits, temperature, top_k, top_p, banned)
+        kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, banned_mask=mask)
+        case = f"logits={logits.tolist()} {kw}"
+        lp = sampling_logprobs(torch.from_numpy(logits)[None], **kw)[0].double().numpy()
+        assert (np.isfinite(lp) == (expect > 0)).all(), case
+        np.testing.assert_allclose(np.exp(lp), expect, rtol=0, atol=1e-6, err_msg=case)
+        u = safe_uniforms(expect, 24, rng)
+        tokens, logp = sample_next(torch.from_numpy(logits).expand(len(u), V).clone(), torch.from_numpy(u),
+                                   sync_free=sync_free, **kw)
+        assert tokens.tolist() == [inverse_cdf(expect, x) for x in u], case
+        np.testing.assert_allclose(logp.numpy(), np.log(expect[tokens.numpy()]), rtol=0, atol=1e-5, err_msg=case)
+
+
+def test_top_p_boundary_on_both_sides():
+    """For every prefix of the probability order, top_p just below its mass keeps exactly that
+    prefix and just above it one token more (neither one too few nor one too many)."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        logits = torch.randn(1, 9, generator=g) * 1.5  # [1, V] distinct values
+        for temperature in (0.5, 1.0, 2.0):
+            desc = torch.softmax(logits[0].double() / temperature, -1).sort(descending=True).values
+            mass = desc.cumsum(0)
+            for m in range(1, 9):
+                # A step of a quarter of the neighbouring token's probability: far from rounding.
+                for delta, n_kept in ((-desc[m - 1] / 4, m), (desc[m] / 4, m + 1)):
+                    top_p = float(mass[m - 1] + delta)
+                    if not 0 < top_p < 1 or abs(delta) < 1e-6:
+                        continue
+                    lp = sampling_logprobs(logits, temperature, top_p=top_p)
+                    assert int(torch.isfinite(lp).sum()) == min(n_kept, 9), (m, delta, temperature)
+
+
+def test_top_p_ties_beyond_the_candidates_fall_back_to_the_whole_vocabulary():
+    """Top-p alone over a large vocabulary whose nucleus ends inside a run of 400 tied tokens:
+    every tied token is kept, so the 256 candidates cannot hold the support; and a peaked one
+    whose nucleus the candidates do hold. Both against brute force."""
+    V = 700
+    g = torch.Generator().manual_seed(4)
+    perm = torch.randperm(V, generator=g)
+    flat = torch.full((V,), -6.0)
+    flat[perm[:10]] = 3.0
+    flat[perm[10:410]] = 0.0
+    peaked = torch.randn(V, generator=g) * 4
+    rng = np.random.default_rng(5)
+    for logits, top_p in ((flat, 0.8), (peaked, 0.9)):
+        p = torch.softmax(logits.double(), -1).numpy()
+        order = np.argsort(-p, kind="stable")
+        before = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
+        lowest = p[order[before < top_p]].min()  # the rule by sorting: the enumeration is too big here
+        expect = np.where(p >= lowest, p, 0.0)
+        expect /= expect.sum()
+        if logits is flat:
+            assert (expect > 0).sum() == 410
+        u = safe_uniforms(expect, 400, rng)
+        tokens, logp = sample_next(logits.expand(len(u), V).clone(), torch.from_numpy(u), 1.0, top_p=top_p)
+        assert tokens.tolist() == [inverse_cdf(expect, x) for x in u]
+        np.testing.assert_allclose(logp.numpy(), np.log(expect[tokens.numpy()]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["candidates", "whole-vocab"])
+def test_a_token_of_probability_zero_is_never_chosen_even_at_the_ends_of_the_interval(sync_free):
+    """u = 0 and u = the largest double below 1, with the first and the last token of the
+    vocabulary excluded (banned, or outside top-k): the draw stays on the support."""
+    u = torch.tensor([0.0, np.nextafter(1.0, 0.0)], dtype=torch.float64)
+    ends = torch.tensor([True, False, False, False, True])
+    for logits, kw, expect in ((torch.tensor([5.0, 0.1, 0.3, 0.2, 4.0]), dict(banned_mask=ends), [1, 3]),
+                               (torch.tensor([5.0, 0.1, 0.3, 0.2, 4.0]), dict(banned_mask=ends, top_p=0.99), [1, 3]),
+                               (torch.tensor([0.1, 5.0, 4.0, 0.3, 0.2]), dict(top_k=2), [1, 2])):
+        tokens, logp = sample_next(logits.expand(2, 5).clone(), u, 1.0, sync_free=sync_free, **kw)
+        assert tokens.tolist() == expect, kw
+        assert torch.isfinite(logp).all()
+
+
+def test_greedy_is_the_argmax_of_the_unbanned_logits():
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(50, 30, generator=g)  # [B, V]
+    banned = logits.argmax(-1)[:5]  # ban some rows' favourites
+    mask = torch.zeros(30, dtype=torch.bool)
+    mask[banned] = True
+    tokens, logp = sample_next(logits, None, 0.0, top_k=3, top_p=0.5, banned_mask=mask)
+    ref = logits.masked_fill(mask, -math.inf)
+    assert torch.equal(tokens, ref.argmax(-1))
+    torch.testing.assert_close(logp, ref.log_softmax(-1).max(-1).values, rtol=0, atol=1e-6)
+
+
+def test_temperature_scales_the_logits_before_top_p():
+    """The same logits and top_p keep fewer tokens when colder: top-p reads the tempered
+    probabilities, and the kept values are softmax(logits / T) renormalised."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    kept = {T: int(torch.isfinite(sampling_logprobs(logits, T, top_p=0.8)).sum()) for T in (0.25, 1.0, 4.0)}
+    assert kept[0.25] < kept[1.0] < kept[4.0]
+    for T in (0.25, 0.6, 1.0, 1.7, 4.0):
+        np.testing.assert_allclose(sampling_logprobs(logits, T)[0].exp().numpy(),
+                                   brute_probs(logits[0].numpy(), T), rtol=0, atol=1e-6)
+
+
+def naive_sample(model, prompt, uniforms, max_new, stop, temperature, top_k=0, top_p=1.0, banned=()):
+    """The documented sampler, slowly: a full forward per token, the brute-force distribution
+    in float64, the t-th uniform of the row's stream for token t, the first stop ends it."""
+    ids, logps = list(prompt), []
+    for t in range(max_new):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, -1].double().numpy()
+        if temperature == 0:
+            x = logits.copy()
+            x[list(banned)] = -np.inf
+            tok = int(x.argmax())
+            logps.append(float(x[tok] - np.logaddexp.reduce(x[np.isfinite(x)])))
+        else:
+            p = brute_probs(logits, temperature, top_k, top_p, banned)
+            tok = inverse_cdf(p, float(uniforms[t]))
+            logps.append(float(np.log(p[tok])))
+        ids.append(tok)
+        if tok in stop:
+            return ids[len(prompt):], "stop", logps
+    return ids[len(prompt):], "length", logps
+
+
+def row_uniforms(row_seed: int, T: int):
+    return torch.rand(T, generator=torch.Generator().manual_seed(row_seed), dtype=torch.float64)
+
+
+def assert_same_as_naive(model, prompts, out, row_seed, T, stop, kw):
+    for p, cs in enumerate(out):
+        for j, c in enumerate(cs):
+            toks, reason, lps = naive_sample(model, prompts[p], row_uniforms(row_seed(p, j), T), T, stop, **kw)
+            assert (c.token_ids, c.finish_reason) == (toks, reason), (p, j)
+            np.testing.assert_allclose(c.logprobs, lps, rtol=0, atol=1e-4)
+
+
+def test_generate_equals_the_naive_sampler_with_base_seed(tiny):
+    """seed=s: row seeds drawn in request order from a generator seeded with s; each row then
+    is the naive sampler with its own stream (eager, static shapes, waves of 2 rows)."""
+    prompts = make_prompts([3, 7, 1], seed=20)
+    T, stop = 10, [4, 9, 30, 77]
+    kw = dict(temperature=0.9, top_k=25, top_p=0.85)
+    seeds = torch.randint(0, 2**62, (len(prompts) * 2,), generator=torch.Generator().manual_seed(17)).tolist()
+    for extra in ({}, dict(static_shapes=True), dict(max_batch_tokens=2 * (7 + T))):
+        out = generate(tiny, prompts, n=2, max_new_tokens=T, seed=17, stop_token_ids=stop, return_logprobs=True,
+                       **kw, **extra)
+        assert_same_as_naive(tiny, prompts, out, lambda p, j: seeds[p * 2 + j], T, stop, kw)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=12, top_p=0.9),
+                                dict(temperature=0.0)], ids=["plain", "top-k-top-p", "greedy"])
+def test_each_row_is_the_naive_sampler_whatever_the_batch(tiny, monkeypatch, kw):
+    """seeds=[per prompt]: row (p, j) is the naive sampler with the stream of
+    make_generator(seeds[p], "sample", j), whatever else is in the call: alone, with other
+    prompts (in another order), with more samples, in waves of 1, 2 or 5 rows, with static
+    shapes, and beside rows that finish early (frequent stop tokens: compaction happens)."""
+    from minirl.common import make_generator
+    prompts = make_prompts([5, 2, 9, 4], seed=21)
+    seeds = [101, 202, 303, 404]
+    T, banned = 12, [0, 1]
+    stop = list(range(2, VOCAB, 9))  # about 1 token in 9 ends a row
+    base = dict(max_new_tokens=T, stop_token_ids=stop, banned_token_ids=banned, return_logprobs=True, **kw)
+    naive_kw = dict(kw, banned=banned)
+
+    compactions = []
+    real_compact = sampler_mod._compact
+    monkeypatch.setattr(sampler_mod, "_compact", lambda rows, m: (compactions.append(m), real_compact(rows, m)))
+    order = [2, 0, 3, 1]
+    width = 9 + T
+    runs = {
+        "together": (list(range(4)), dict(n=3)),
+        "shuffled": (order, dict(n=3)),
+        "more samples": ([1, 3], dict(n=5)),
+        "waves of 1": (list(range(4)), dict(n=2, max_batch_tokens=width)),
+        "waves of 2": (order, dict(n=3, max_batch_tokens=2 * width)),
+        "waves of 5": (list(range(4)), dict(n=3, max_batch_tokens=5 * width)),
+        "static": (order, dict(n=3, static_shapes=True)),
+    }
+    for name, (which, extra) in runs.items():
+        ps = [prompts[i] for i in which]
+        out = generate(tiny, ps, seeds=[seeds[i] for i in which], **base, **extra)
+        rs = lambda p, j: make_generator(seeds[which[p]], "sample", j).initial_seed()  # noqa: E731
+        assert_same_as_naive(tiny, ps, out, rs, T, stop, naive_kw)
+    for i in range(4):
+        alone = generate(tiny, [prompts[i]], n=1, seeds=[seeds[i]], **base)
+        assert_same_as_naive(tiny, [prompts[i]], alone, lambda p, j: make_generator(seeds[i], "sample", j).initial_seed(),
+                             T, stop, naive_kw)
+    assert compactions, "no row finished early enough to compact the batch"
