@@ -200,7 +200,7 @@ _NOT_ANSWERS = {"correct", "incorrect", "right", "wrong", "not", "that", "this",
                 "then", "therefore", "so", "thus", "likely", "probably", "unique", "valid", "as follows"}
 _PHRASE_TOKEN = r"(?:[^\s,;]|,(?=\d{3}(?!\d)))+"       # a comma only as a thousands separator
 _PHRASE_MATH_RE = re.compile(_PHRASE_TOKEN + r"(?:\s*[-+*/^=<>]\s*" + _PHRASE_TOKEN + ")*")
-_DELIMITED_RE = re.compile(r"\s*(?:\$\$(.{1,1000}?)\$\$|\$(.{1,1000}?)\$|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\])",
+_DELIMITED_RE = re.compile(r"\s*(?:\$\$((?:[^$\\]|\\.){1,1000}?)\$\$|\$((?:[^$\\]|\\.){1,1000}?)\$|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\])",
                            re.S)
 
 
