@@ -49,6 +49,7 @@ this file by path and must stay light).
 """
 import atexit
 import cmath
+import collections
 import functools
 import importlib.util
 import json
@@ -120,30 +121,40 @@ def reset_stats():
 
 # --------------------------------------------------------------------------- extraction
 
+GRADER_MODES = ("strict", "lenient")
+# math-verify, which Kim et al. used for rewards and evaluation, falls back to the last
+# math / number when a response states no explicit answer: a user reproducing them expects that.
+DEFAULT_GRADER_MODE = "lenient"
+
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ESCAPE_RE = re.compile(r"\\[^A-Za-z]")       # \{ \} \\ \, ...: characters, not grouping
 _BRACE_RE = re.compile(r"[{}]")
-_ANSWER_PATTERNS = [
-    re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE),
-    re.compile(r"####\s*([^\n]+)"),
-    re.compile(r"answer\s*:\s*\**\s*([^\n]+)", re.IGNORECASE),
-]
+_MAX_GROUP = 8                                # boxes read together as one answer ("\boxed{2} and \boxed{3}")
+# What may stand between boxes that state one answer together: a comma, "and" or "or"
+# (math-verify's connectors), with math delimiters and spaces around them.
+_BOX_JOIN_RE = re.compile(r"(?:\s|\$|\\[()\[\]])*(?:,\s*(?:and|or)?|and|or)(?:\s|\$|\\[()\[\]])*", re.IGNORECASE)
 
 
-def _last_box(text):
-    """Content of the last complete, non-empty box, trying boxes from the end.
+def _check_mode(mode):
+    if mode not in GRADER_MODES:
+        from .common import MinirlError      # imported here: this module stays stdlib-only
+        raise MinirlError(f"unknown grader mode {mode!r}; choose one of {', '.join(GRADER_MODES)}")
+
+
+def _boxes_from_end(text):
+    """(start, end, content) of each complete, non-empty box, the last one first.
 
     Linear time whatever the input: braces are found by a regex on a copy of the text
     whose escapes (``\\{``, ``\\}``, ``\\\\``) are blanked out; a box that never closes
     makes every earlier box that is still open at its start unclosable too, so earlier
     scans stop there; at most _MAX_BOXES boxes are tried."""
-    starts = [m.end() for m in _BOX_RE.finditer(text)][-_MAX_BOXES:]
-    if not starts:
-        return None
-    offset = starts[0]
+    found = collections.deque((m.span() for m in _BOX_RE.finditer(text)), maxlen=_MAX_BOXES)
+    if not found:
+        return
+    offset = found[0][1]
     blank = _ESCAPE_RE.sub("  ", text[offset:])      # same length: indices still line up
     limit = len(blank)
-    for after in reversed(starts):
+    for start, after in reversed(found):
         j = after - offset
         while j < len(blank) and text[offset + j] in " \t":
             j += 1
@@ -154,34 +165,60 @@ def _last_box(text):
                 if depth == 0:
                     content = text[offset + j + 1:offset + m.start()].strip()
                     if content:
-                        return content
+                        yield start, offset + m.end(), content
                     break                        # \boxed{}: try the previous box
             else:
                 limit = after - offset - 1       # never closes
         elif j > after - offset:                 # "\boxed 5": one token after a space
             m = re.match(r"[^\s$]+", text[offset + j:offset + j + 200])
             if m:
-                return m.group(0)
-    return None
+                yield start, offset + j + m.end(), m.group(0)
 
 
+def _final_boxes(text):
+    """The last box, together with the boxes just before it that it is joined to by only
+    a comma / "and" / "or" ("\\boxed{2} and \\boxed{3}" -> "2, 3"); a box followed by
+    other words ("\\boxed{3}. Wait ... \\boxed{4}") was corrected and is not read."""
+    group = []
+    for start, end, content in _boxes_from_end(text):
+        if group and not _BOX_JOIN_RE.fullmatch(text[end:group[-1][0]]):
+            break
+        group.append((start, content))
+        if len(group) >= _MAX_GROUP:
+            break
+    return ", ".join(c for _, c in reversed(group)) if group else None
+
+
+# "Final Answer: The final answer is X. I hope it is correct." (the Minerva / MATH few-shot format)
+_MINERVA_RE = re.compile(r"final answer is\s*:?\s*([^\n]{1,300}?)\s*\.?\s*I hope it is correct", re.IGNORECASE)
+# "the answer is X", "the final answer for (a) is X", "Answer: X", "#### X": markers found at
+# every position (a lookahead), so "Answer: the answer is 5" yields its inner marker too.
+_MARKER_RE = re.compile(r"(?=((?:\b(?:final\s+)?answer\b(?:[^\n.:$]{0,50}?\s)?(?:is|equals|=)\s*:?)"
+                        r"|(?:\banswer\s*\**\s*:\s*)|(?:####\s*)))", re.IGNORECASE)
+_NOT_ANSWERS = {"correct", "incorrect", "right", "wrong", "not", "that", "this", "the", "a", "an", "to", "in",
+                "as", "because", "still", "indeed", "clear", "obvious", "simply", "given", "below", "above",
+                "then", "therefore", "so", "thus", "likely", "probably", "unique", "valid", "as follows"}
 _PHRASE_TOKEN = r"(?:[^\s,;]|,(?=\d{3}(?!\d)))+"       # a comma only as a thousands separator
 _PHRASE_MATH_RE = re.compile(_PHRASE_TOKEN + r"(?:\s*[-+*/^=<>]\s*" + _PHRASE_TOKEN + ")*")
+_DELIMITED_RE = re.compile(r"\s*(?:\$\$((?:[^$\\]|\\.){1,1000}?)\$\$|\$((?:[^$\\]|\\.){1,1000}?)\$|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\])",
+                           re.S)
 
 
 def _clean_phrase_answer(s):
-    """The math right after "The answer is": a ``$...$`` span, else the first
-    expression-looking run ("8 because ..." -> "8"; "x = 5, so" -> "x = 5")."""
+    """The math right after "The answer is": a ``$...$`` / ``\\(...\\)`` span, else the
+    first expression-looking run ("8 because ..." -> "8"; "x = 5, so" -> "x = 5")."""
     s = s.strip().strip("*").strip()
-    if s.startswith("$"):                        # "The answer is $\\frac12$."
-        close = s.find("$", 1)
-        if close > 0:
-            return s[1:close].strip().strip("$").strip() or None
+    m = _DELIMITED_RE.match(s)
+    if m:                                        # "The answer is $\\frac12$."
+        inner = next(g for g in m.groups() if g is not None)
+        return inner.strip().strip("$").strip() or None
     m = _PHRASE_MATH_RE.match(s)
     if not m:
         return None
-    s = m.group(0).strip("$*").rstrip(".,;:!?").strip()
-    return s or None
+    s = m.group(0).strip("$*").rstrip(".,;:!?").strip("*").strip()
+    if not s or s.lower() in _NOT_ANSWERS:        # "the answer is correct": not an answer
+        return None
+    return s
 
 
 def _last_answer_tag(text):
@@ -192,30 +229,75 @@ def _last_answer_tag(text):
     start = text.rfind("<answer>", 0, end)
     if start < 0:
         return None
-    content = text[start + len("<answer>"):end].strip().strip("$").strip()
-    return content or None
+    content = text[start + len("<answer>"):end].strip()
+    if _MARKER_RE.search(content) or _MINERVA_RE.search(content):   # "<answer>The answer is 5</answer>"
+        inner = _phrase_answer(content)
+        if inner is not None:
+            return inner
+    return content.strip("$").strip() or None
 
 
-def extract_answer(text) -> str | None:
-    """The final answer in a response: the content of the last complete ``\\boxed{...}``
-    or ``\\fbox{...}`` (or ``\\boxed 5``); else the last ``<answer>...</answer>`` (the
-    R1-Zero template); else the last "The answer is X", "#### X" or "Answer: X" (the
-    math right after it, ``$`` stripped); else None."""
+def _phrase_answer(text):
+    """The Minerva format first; else the answer after the last marker that has one."""
+    minerva = None
+    for minerva in _MINERVA_RE.finditer(text):
+        pass
+    if minerva is not None:
+        answer = _clean_phrase_answer(minerva.group(1))
+        if answer is not None:
+            return answer
+    for m in reversed(list(_MARKER_RE.finditer(text))[-50:]):
+        answer = _clean_phrase_answer(text[m.end(1):m.end(1) + 300].split("\n", 1)[0])
+        if answer is not None:
+            return answer
+    return None
+
+
+_NUMBER_TOKEN_RE = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?\s*%?")
+
+
+def _last_math_or_number(text):
+    """math-verify's fallbacks: the last ``$...$`` / ``$$...$$`` / ``\\(...\\)`` /
+    ``\\[...\\]`` span or the last number, whichever ends later."""
+    span = None
+    for span in _DELIMITED_RE.finditer(text):
+        pass
+    number = None
+    for number in _NUMBER_TOKEN_RE.finditer(text):
+        pass
+    if span is not None and (number is None or span.end() >= number.end()):
+        inner = next(g for g in span.groups() if g is not None).strip()
+        if inner:
+            return inner
+    return number.group(0).strip() if number is not None else None
+
+
+def extract_answer(text, mode: str = "strict") -> str | None:
+    """The final answer in a response, by this order of precedence:
+
+    1. the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``), read together
+       with the boxes joined to it by only ", " / "and" / "or" (as one set or tuple);
+    2. the last ``<answer>...</answer>`` (the R1-Zero template);
+    3. "Final Answer: The final answer is X. I hope it is correct." (Minerva / MATH few-shot);
+    4. the last "the answer is X" / "Answer: X" / "#### X" (the math right after it);
+    5. mode="lenient" only: the last ``$...$`` / ``\\(...\\)`` / ``\\[...\\]`` span or the
+       last number, whichever comes later (math-verify's fallbacks).
+
+    None when there is none. ``mode`` defaults to "strict" here (gold solutions and the
+    synthetic tasks' format checks want an explicit answer); ``grade`` defaults to
+    DEFAULT_GRADER_MODE. An unknown mode raises MinirlError; any text never raises."""
+    _check_mode(mode)
     try:
         if not isinstance(text, str) or not text:
             return None
-        boxed = _last_box(text)
-        if boxed is not None:
-            return boxed
-        tagged = _last_answer_tag(text)
-        if tagged is not None:
-            return tagged
-        best = None
-        for pattern in _ANSWER_PATTERNS:
-            for m in pattern.finditer(text):
-                if best is None or m.start() > best.start():
-                    best = m
-        return _clean_phrase_answer(best.group(1)) if best else None
+        answer = _final_boxes(text)
+        if answer is None:
+            answer = _last_answer_tag(text)
+        if answer is None:
+            answer = _phrase_answer(text)
+        if answer is None and mode == "lenient":
+            answer = _last_math_or_number(text)
+        return answer
     except Exception:                            # never raise on any input
         _count("errors")
         return None
@@ -223,11 +305,21 @@ def extract_answer(text) -> str | None:
 
 # --------------------------------------------------------------------------- normalisation
 
-_UNICODE = {"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
+_UNICODE = {"\u2212": "-", "\u2013": "-", "\u2010": "-", "\u2011": "-", "\ufe63": "-", "\uff0d": "-", "\u00d7": "\\times ", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
             "\u00f7": "\\div ", "\u03c0": "\\pi ", "\u221a": "\\sqrt", "\u221e": "\\infty ",
             "\u2264": "\\le ", "\u2265": "\\ge ", "\u00b0": "", "\u00a0": " ", "\u222a": "\\cup ",
             "\u2208": "\\in ", "\u2205": "\\emptyset "}
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
+_SUPERSCRIPTS = dict(zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207a\u207b\u207f",
+                         "0123456789+-n"))
+_SUBSCRIPTS = dict(zip("\u2080\u2081\u2082\u2083\u2084\u2085\u2086\u2087\u2088\u2089", "0123456789"))
+_SUPERSCRIPT_RE = re.compile("[%s]+" % "".join(_SUPERSCRIPTS))
+_SUBSCRIPT_RE = re.compile("[%s]+" % "".join(_SUBSCRIPTS))
+# 10,\!000 and 1{,}000 (MATH's thousands separators); 3{,}5 with other than 3 digits after
+# the comma is a decimal comma (nobody writes a list as {,}); a bare "3,5" stays a list.
+_SEPARATOR_RE = re.compile(r"(?<=\d)\s*(?:,\s*\\!|\{,\})\s*(?=(\d+))")
+_PERCENT_RE = re.compile(r"\\(?:text|textnormal|mbox|mathrm|textrm)\s*\{\s*(?:\\%|percent|pct)\s*\}"
+                         r"|(?<=[\d}.])\s*(?:percent|pct)(?![A-Za-z])\.?")
 _DELETE_RE = re.compile(
     r"\\(?:left|right)\.|\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![A-Za-z])"
     r"|(?<!\\)\\[!,;: ]|\\(?:q?quad|displaystyle|textstyle|limits|nonumber)(?![A-Za-z])"
@@ -238,20 +330,20 @@ _RENAME = [(re.compile(r"\\[dtc]frac(?![A-Za-z])"), r"\\frac"), (re.compile(r"\\
            (re.compile(r"\\infin(?![A-Za-z])|(?<![\\A-Za-z])(?:infinity|inf)(?![A-Za-z])"), r"\\infty"),
            (re.compile(r"(?<![\\A-Za-z])(arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|cot|sec|csc|ln|log|"
                        r"exp|sqrt|pi)(?![A-Za-z])"), r"\\\1")]    # "sqrt(2)" -> "\sqrt(2)"
-_WRAPPERS = ("text", "textbf", "textit", "textrm", "texttt", "textsf", "mathrm", "mathbf", "mathit", "mathsf",
+_WRAPPERS = ("text", "textnormal", "textbf", "textit", "textrm", "texttt", "textsf", "mathrm", "mathbf", "mathit", "mathsf",
              "mbox", "operatorname", "boldsymbol", "bm", "mathnormal", "hbox")
 _WRAPPER_RE = re.compile(r"\\(?:%s)\s*\{" % "|".join(_WRAPPERS))
 _WORD_UNITS = (r"(?:square |sq\.? |cubic )?(?:units?|cm|mm|km|meters?|metres?|inches|inch|feet|foot|ft|yards?|"
                r"miles?|dollars?|cents?|degrees?|radians?|seconds?|minutes?|hours?|hrs?|days?|weeks?|months?|"
                r"years?|mph|pounds?|lbs?|ounces?|oz|kg|grams?|liters?|litres?|ml|mL|people|students|ways|points|"
-               r"percent)")
+               r"miles per hour|square feet|square meters|cubic feet)")
 # Inside \text{} a unit may be a single letter ("5\text{ m}"); bare, only a word after a space
 # ("5 cm"), since "5h" or "2 s" may be algebra.
 _TEXT_UNITS = r"(?:" + _WORD_UNITS + r"|m|s|h|g|L|in|mi|yd|min|sec|hr)"
 _POWER_SUFFIX = r"(?:\^\s*\{?\s*[23]\s*\}?)?"
 # A trailing \text{...} of words after a number is a unit or a comment ("\frac34\text{ of
 # the pie}"): dropped. Single letters count only when they are units ("5\text{ m}").
-_TEXT_UNIT_RE = re.compile(r"\\(?:text|mbox|mathrm|textrm)\s*\{\s*(?:" + _TEXT_UNITS +
+_TEXT_UNIT_RE = re.compile(r"\\(?:text|textnormal|mbox|mathrm|textrm)\s*\{\s*(?:" + _TEXT_UNITS +
                            r"|[A-Za-z]{2,}(?:[ \-][A-Za-z]+)*)\s*\}\s*" + _POWER_SUFFIX + r"\s*$")
 _BARE_UNIT_RE = re.compile(r"(?<=[\d})])\s+" + _WORD_UNITS + _POWER_SUFFIX + r"\s*$")
 _THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:(?:,\d{3})+|(?: \d{3})+)(?:\.\d+)?")
@@ -298,6 +390,10 @@ def _normalize(s):
     if len(s) > _MAX_ANSWER_CHARS:
         return s
     s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
+    s = _SUPERSCRIPT_RE.sub(lambda m: "^{" + "".join(_SUPERSCRIPTS[c] for c in m.group(0)) + "}", s)   # x² -> x^{2}
+    s = _SUBSCRIPT_RE.sub(lambda m: "_{" + "".join(_SUBSCRIPTS[c] for c in m.group(0)) + "}", s)
+    s = _SEPARATOR_RE.sub(lambda m: "," if len(m.group(1)) == 3 else ".", s)
+    s = _PERCENT_RE.sub("%", s)
     s = _DELETE_RE.sub(" ", s)
     for pattern, repl in _RENAME:
         s = pattern.sub(repl, s)
@@ -411,7 +507,7 @@ class _Parser:
         c = self.peek()
         if not c:
             return False
-        if c.isdigit() or c in "({" or ("a" <= c <= "z") or ("A" <= c <= "Z"):
+        if "0" <= c <= "9" or c in "({" or ("a" <= c <= "z") or ("A" <= c <= "Z"):
             return True
         if c == "|":
             return self.abs_depth == 0
@@ -488,7 +584,7 @@ class _Parser:
     def primary(self):
         self.count()
         c = self.peek()
-        if c.isdigit() or (c == "." and self.s[self.i + 1:self.i + 2].isdigit()):
+        if "0" <= c <= "9" or (c == "." and "0" <= self.s[self.i + 1:self.i + 2] <= "9"):
             return self.number()
         if c in ("(", "["):
             self.i += 1
@@ -549,7 +645,7 @@ class _Parser:
             return self.group()
         if c == "(":                             # \sqrt(2), written like a function call
             return self.primary()
-        if c.isdigit():
+        if "0" <= c <= "9":
             self.i += 1
             return ("num", Fraction(int(c)), None)
         if ("a" <= c <= "z") or ("A" <= c <= "Z"):
@@ -653,6 +749,10 @@ def _parse_expr(s):
 
 _SIMPLE_NAME = r"(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z, ]*\))?|\\[A-Za-z]+)"
 _NAME_RE = re.compile(_SIMPLE_NAME)
+_VARIABLE_RE = re.compile(r"[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?|\\[A-Za-z]+")   # a name that can be a variable
+# What labels an answer ("AB = 4", "|AB| = 1", "\overline{AC} = 3", "m\angle A = 30", "area = 5").
+_LABEL_RE = re.compile(r"%s|[A-Za-z]{2,20}(?:_\{?[A-Za-z0-9]+\}?)?|\|[A-Za-z]{1,4}\||\\overline\{[A-Za-z]{1,4}\}"
+                       r"|(?:m\s*)?\\angle\s*[A-Za-z]{1,3}" % _SIMPLE_NAME)
 _NAMES_TUPLE_RE = re.compile(r"\(\s*%s(?:\s*,\s*%s)*\s*\)" % (_SIMPLE_NAME, _SIMPLE_NAME))
 _IN_RE = re.compile(r"^(%s|\(.*?\))\s*\\in(?![A-Za-z])\s*(.+)$" % _SIMPLE_NAME)
 _WORD_RE = re.compile(r"[A-Za-z]+(?:[ '\-][A-Za-z]+)*")
@@ -763,8 +863,8 @@ def _answer(s, depth=0):
     sides = _split_top(s, ("=",))
     if len(sides) > 1:
         lhs, rhs = sides[0].strip(), sides[-1].strip()
-        if _NAME_RE.fullmatch(lhs) or _NAMES_TUPLE_RE.fullmatch(lhs):
-            return _answer(rhs, depth + 1)        # "x = 5" answers 5
+        if _LABEL_RE.fullmatch(lhs) or _NAMES_TUPLE_RE.fullmatch(lhs):
+            return _labelled(lhs, rhs, len(sides), depth)   # "x = 5" answers 5
         if len(sides) == 2 and _NAME_RE.fullmatch(rhs):
             return _answer(lhs, depth + 1)        # "x + 1 = y" answers x + 1
         if len(sides) == 2:
@@ -774,6 +874,18 @@ def _answer(s, depth=0):
         return ("raw", _compact(s))
     node = _parse_expr(s)
     return ("expr", node) if node is not None else ("raw", _compact(s))
+
+
+def _labelled(name, rhs, n_sides, depth):
+    """``name = rhs``: ("labelled", answer of rhs, equation or None). The equation is kept
+    when the name is a variable, so ``y = -x/2 + 3/4`` can still equal ``2x + 4y - 3 = 0``."""
+    inner = _answer(rhs, depth + 1)
+    eq = None
+    if n_sides == 2 and inner[0] == "expr" and _VARIABLE_RE.fullmatch(name):
+        var = _parse_expr(name)
+        if var is not None and var[0] == "sym":
+            eq = ("eq", var, inner[1])
+    return ("labelled", inner, eq)
 
 
 def _elements(inner, depth):
@@ -807,12 +919,11 @@ def _relation(s):
     if len(ops) == 1:
         a, b = pieces
         if _NAME_RE.fullmatch(a):      # x < b  /  x > b
-            value, var_left = b, True
+            node, var_left = _parse_expr(b), True
         elif _NAME_RE.fullmatch(b):    # a < x  /  a > x
-            value, var_left = a, False
-        else:
-            return None
-        node = _parse_expr(value)
+            node, var_left = _parse_expr(a), False
+        else:                          # -x > -1, 2x + 3 \le 7: linear in one variable
+            node, var_left = _solve_linear(a, b)
         if node is None:
             return None
         upper = less[0] == var_left    # x < b, b > x: the value is an upper bound
@@ -827,6 +938,45 @@ def _relation(s):
             return None
         return ("tuple", "[" if lo_closed else "(", "]" if hi_closed else ")", [("expr", lo), ("expr", hi)])
     return None
+
+
+_LINEAR_POINTS = (Fraction(0), Fraction(1), Fraction(2), Fraction(-3, 2), Fraction(7, 3), Fraction(11, 5))
+
+
+def _solve_linear(a, b):
+    """``a op b`` with a - b = c x + d linear in one variable x (checked exactly at six
+    points): (the bound -d/c as a node, whether x ends up on the left of ``op``, which
+    flips when c < 0). (None, None) otherwise."""
+    left, right = _parse_expr(a), _parse_expr(b)
+    if left is None or right is None:
+        return None, None
+    diff = ("add", ((1, left), (-1, right)))
+    names = _symbols(diff)
+    if len(names) != 1:
+        return None, None
+    (name,) = names
+    try:
+        values = [_exact(_substitute(diff, name, ("num", x, None))) for x in _LINEAR_POINTS]
+    except (_NotExact, _TooBig, ValueError, ZeroDivisionError, OverflowError, RecursionError):
+        return None, None
+    d, c = values[0], values[1] - values[0]
+    if c == 0 or any(v != c * x + d for x, v in zip(_LINEAR_POINTS, values)):
+        return None, None
+    return ("num", -d / c, None), c > 0
+
+
+def _substitute(node, name, value):
+    """``node`` with the symbol ``name`` replaced by the node ``value``."""
+    tag = node[0]
+    if tag == "sym":
+        return value if node[1] == name else node
+    if tag in ("num", "const"):
+        return node
+    if tag in ("add", "mul"):
+        return (tag, tuple((op, _substitute(c, name, value)) for op, c in node[1]))
+    if tag == "fn":
+        return ("fn", node[1], _substitute(node[2], name, value))
+    return (tag,) + tuple(None if c is None else _substitute(c, name, value) for c in node[1:])
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -1192,6 +1342,8 @@ class _Context:
 
     # -- structures
     def equal(self, A, B):
+        if A[0] == "labelled" or B[0] == "labelled":
+            return self.labelled(A, B)
         ka, kb = A[0], B[0]
         if ka in ("raw", "text") or kb in ("raw", "text"):
             return ka == kb and A[1] == B[1]
@@ -1221,6 +1373,17 @@ class _Context:
         if ka == "eq" and kb == "eq":
             return self.equation(A, B)
         return False
+
+    def labelled(self, A, B):
+        """``y = -x/2 + 3/4`` vs ``2x + 4y = 3``: the same equation; else the labels are
+        ignored (``AB = 4`` answers 4, ``x = 5`` and ``y = 5`` both answer 5)."""
+        ea = A[2] if A[0] == "labelled" else (A if A[0] == "eq" else None)
+        eb = B[2] if B[0] == "labelled" else (B if B[0] == "eq" else None)
+        if ea is not None and eb is not None and self.equation(ea, eb):
+            return True
+        if A[0] == "eq" or B[0] == "eq":
+            return False
+        return self.equal(A[1] if A[0] == "labelled" else A, B[1] if B[0] == "labelled" else B)
 
     def same_seq(self, xs, ys):
         if len(xs) != len(ys) or len(xs) > _MAX_ELEMENTS:
@@ -1330,6 +1493,8 @@ def canonical_answer(answer) -> str | None:
         s = _normalize(str(answer))
         if len(s) <= _MAX_ANSWER_CHARS:
             A = _answer(s)
+            while A[0] == "labelled":            # "x = 5" groups with 5
+                A = A[1]
             if A[0] == "expr":
                 value = _Context(0).exact(A[1])
                 if isinstance(value, Fraction):
@@ -1342,16 +1507,20 @@ def canonical_answer(answer) -> str | None:
         return None
 
 
-def grade(response, gold, backend: str = "minirl", timeout: float = DEFAULT_TIMEOUT) -> Grade:
+def grade(response, gold, backend: str = "minirl", timeout: float = DEFAULT_TIMEOUT,
+          mode: str = DEFAULT_GRADER_MODE) -> Grade:
     """Grade a whole response against a gold answer.
 
-    backend="minirl": ``extract_answer(response)`` then ``is_equivalent``.
+    backend="minirl": ``extract_answer(response, mode)`` then ``is_equivalent``; mode
+    "strict" reads explicit answers only (a format-following reward), "lenient" (the
+    default) also math-verify's fallbacks (the last math span or number).
     backend="math_verify": math-verify's ``parse`` + ``verify`` (needs ``pip install
     math-verify``), run in a worker process under the same hard time bound.
     Never raises on any response / gold; an unknown backend or a missing math-verify
     package raises MinirlError (those are configuration errors)."""
+    _check_mode(mode)
     if backend == "minirl":
-        answer = extract_answer(response)
+        answer = extract_answer(response, mode)
         if answer is None:
             _count("calls")
             return Grade(False, None, False)
@@ -1484,7 +1653,7 @@ class _Pool:
                     raise _Timeout()
                 self.cond.wait(remaining)
             if self.idle:
-                return self.idle.pop()
+                return self.idle.pop(), False
             if self.failed_starts >= 3:
                 raise _WorkerDied()
             self.live += 1
@@ -1497,7 +1666,7 @@ class _Pool:
             raise
         with self.cond:
             self.failed_starts = 0
-        return worker
+        return worker, True
 
     def _release(self, worker):
         with self.cond:
@@ -1514,7 +1683,9 @@ class _Pool:
         deadline = time.monotonic() + timeout
         for attempt in range(2):
             try:
-                worker = self._acquire(deadline)
+                worker, fresh = self._acquire(deadline)
+                if fresh:                        # a worker just started: its start-up is not billed
+                    deadline = max(deadline, time.monotonic() + timeout)
             except (_Timeout, _WorkerDied):
                 raise
             except Exception:                    # could not start a process at all
@@ -1586,7 +1757,7 @@ def warmup(backend: str = "minirl"):
         return
     try:
         p = _pool(kind)
-        w = p._acquire(time.monotonic() + STARTUP_TIMEOUT)
+        w, _ = p._acquire(time.monotonic() + STARTUP_TIMEOUT)
         p._release(w)
     except Exception:
         _count("errors")
