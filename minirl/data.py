@@ -65,7 +65,16 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .common import MinirlError, atomic_write_text, read_jsonl
-from .grader import _last_box
+
+
+def _last_box(text):
+    """The content of the last complete \\boxed{} / \\fbox{} of a text (a MATH solution's gold),
+    or None. The grader is imported here, on first use: it is large, and most runs never need it."""
+    from .grader import _boxes_from_end
+    for _, _, content in _boxes_from_end(text):
+        return content
+    return None
+
 
 QUESTION_FIELDS = ("problem", "question", "prompt")
 ANSWER_FIELDS = ("answer", "solution")
