@@ -270,3 +270,90 @@ def test_fuzz_never_raises_and_is_fast():
     p99 = times[int(0.99 * len(times))]
     assert p99 < 0.050, f"p99 {p99 * 1e3:.1f} ms"
     assert grader.stats()["errors"] == 0, grader.stats()
+
+
+# --------------------------------------------------------------------------- issue 23: MATH formats, modes, rules
+
+def test_issue_examples_are_fixed():
+    grader.reset_stats()
+    assert grade(r"So the answer is $\boxed{10000}$.", r"10,\!000").correct
+    assert grade(r"\boxed{\$16,\!386.20}", "16386.20").correct
+    assert extract_answer("Final Answer: The final answer is $28$. I hope it is correct.") == "28"
+    assert grade(r"The solutions are $\boxed{2}$ and $\boxed{3}$.", "2, 3").correct
+    assert grade(r"Therefore $x \geq 5$ is the solution.", r"x \ge 5").answer == r"x \geq 5"
+    assert is_equivalent("x < 1", "-x > -1") and is_equivalent("4, 5", "AB=4, CD=5")
+    assert grade(r"$\boxed{125\textnormal{ miles}}$", "125").correct
+    assert is_equivalent("x\u00b2", "x^2")
+    assert grader.stats()["errors"] == 0
+
+
+@pytest.mark.parametrize("pred, gold, right", [
+    (r"10,\!000", "10000", True), (r"10,\!001", "10000", False),                 # MATH thousands
+    ("1{,}000{,}000", "1000000", True), ("1{,}000{,}000", "100000", False),
+    ("3{,}5", "3.5", True), ("3,5", "3.5", False),                              # decimal comma only as {,}
+    (r"\$16,\!386.20", "16386.2", True), (r"\$16,\!387.20", "16386.2", False),
+    (r"125\textnormal{ miles}", "125", True), (r"126\textnormal{ miles}", "125", False),
+    (r"7\mbox{ cm}", "7", True), (r"8\mbox{ cm}", "7", False),
+    (r"30^\circ", "30", True), ("30 degrees", "30", True), (r"31^\circ", "30", False),
+    (r"25\%", "25", True), ("25 percent", r"25\%", True), ("25 pct", "0.25", True), ("26 percent", "25", False),
+    (r"\dfrac{3}{4}", r"\tfrac34", True), (r"\dfrac{4}{3}", r"\tfrac34", False),
+    (r"\left(1, 2\right)", "(1,2)", True), (r"\left[1, 2\right)", "(1,2)", False),
+    (r"\displaystyle\frac12", "0.5", True), (r"\displaystyle\frac13", "0.5", False),
+    ("x\u00b3+1", "x^3+1", True), ("x\u00b2+1", "x^3+1", False), ("a\u2081", "a_1", True),
+    ("\u22125", "-5", True), ("\u22125", "5", False), ("3\u00d74", "12", True), ("12\u00f73", "4", True),
+    ("12\u00f74", "4", False),
+    (r"\text{(C)}", "C", True), ("(C)", r"\text{(C)}", True), ("C", "(D)", False),
+    ("AB=4, CD=5", "4, 5", True), ("AB=4, CD=6", "4, 5", False),
+    ("|AB| = 1", "1", True), ("|AB| = 2", "1", False), ("x = 5", "5", True), ("x = 6", "5", False),
+    ("-x > -1", "x < 1", True), ("-x \\ge -1", "x < 1", False), ("2x + 3 \\le 7", "(-\\infty, 2]", True),
+    ("2x + 3 < 7", "(-\\infty, 2]", False),
+    (r"-2 \le x \le 7", r"x \in [-2, 7]", True), (r"-2 < x \le 7", r"x \in [-2, 7]", False),
+    (r"\pm 3", r"\{-3, 3\}", True), (r"\pm 3", "3", False),
+    ("2x+4y-3=0", "y=-x/2+3/4", True), ("2x+4y-3=0", "y=-x/2+3/5", False),
+    ("x+y+z=1", "z=1-x-y", True), ("x+y+z=1", "z=1+x-y", False),
+    ("1-1/e", "1+1/e", False), ("1.414", r"\sqrt2", False), ("0.632", "1-1/e", False),
+])
+def test_normalisation_and_equivalence_rules(pred, gold, right):
+    grader.reset_stats()
+    assert is_equivalent(pred, gold) is right, (pred, gold)
+    assert grader.stats()["errors"] == 0
+
+
+@pytest.mark.parametrize("text, strict, lenient", [
+    (r"\boxed{2} and \boxed{3}", "2, 3", "2, 3"),
+    (r"$\boxed{1}$, $\boxed{2}$, or $\boxed{4}$", "1, 2, 4", "1, 2, 4"),
+    (r"\boxed{3}. Wait, that is wrong. \boxed{4}", "4", "4"),            # a corrected box is not read
+    ("Final Answer: The final answer is $\\frac12$. I hope it is correct.", "\\frac12", "\\frac12"),
+    ("the answer is correct: 5 apples", None, "5"),                      # "correct" is not an answer
+    ("Answer: the answer is 7", "7", "7"),
+    ("<think>the answer is 5</think><answer>6</answer>", "6", "6"),       # the tag beats a phrase
+    ("<answer>The answer is $9$</answer>", "9", "9"),
+    ("we get $x = 3$ so", None, "x = 3"),
+    (r"this gives \(\frac34\).", None, "\\frac34"),
+    ("Thus\n\\[ 12 \\]", None, "12"),
+    ("so $x$ is 1,250 in all", None, "1,250"),                           # the number ends later
+    ("nothing here", None, None),
+])
+def test_extraction_modes(text, strict, lenient):
+    assert extract_answer(text) == strict
+    assert extract_answer(text, mode="strict") == strict
+    assert extract_answer(text, mode="lenient") == lenient
+
+
+def test_modes_constants_and_errors():
+    assert grader.GRADER_MODES == ("strict", "lenient") and grader.DEFAULT_GRADER_MODE == "lenient"
+    assert grade("so we get $7$.", "7").correct                       # the default: math-verify's fallbacks
+    assert not grade("so we get $7$.", "7", mode="strict").correct    # a format-following reward
+    with pytest.raises(MinirlError, match="unknown grader mode"):
+        grade("x", "1", mode="loose")
+    with pytest.raises(MinirlError, match="unknown grader mode"):
+        extract_answer("x", mode="loose")
+
+
+def test_small_fuzz_of_new_notations_is_fast_and_clean():
+    """2,000 random strings of the new notations: no errors, p99 under 5 ms of CPU."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_grader
+    times, st = bench_grader.run_fuzz(2000, 7)
+    assert st["errors"] == 0, st
+    assert times[int(0.99 * len(times))] < 0.005, times[int(0.99 * len(times))]
