@@ -191,7 +191,7 @@ def device_rules(device: str):
     if device != "cuda":
         yield
         return
-    from minirl.kernels import linear_logprobs as ll
+    from minirl.kernels import ops as ll   # ops.py is where the chunk size is chosen
     cpu_rule, sdpa = ll.default_chunk_size, F.scaled_dot_product_attention
     ll.default_chunk_size = lambda n_rows, vocab, _device: cpu_rule(n_rows, vocab, "cuda")
     F.scaled_dot_product_attention = _flash_attention
@@ -293,14 +293,14 @@ def measure_step(cfg, S, rows: int, with_optimizer: bool = True) -> dict:
 def logprob_chunk_peak(model, S, rows: int, mem: LiveMemory) -> int:
     """The largest transient of the fused log-prob path alone (its [C, V] chunk buffers)
     for the micro-batch's completion tokens, forward and backward, above its inputs."""
-    from minirl.kernels.linear_logprobs import linear_logprobs_chunked
+    from minirl.kernels.ops import linear_logprobs
     n = rows * (S.new_tokens if S.trainer == "grpo" else S.seq_len - 1)
     w = model.lm_head_weight
     h = w.new_empty((n, w.shape[1])).requires_grad_(True)  # [N, H] fake, like w
     targets = w.new_zeros(n, dtype=torch.long)  # [N]
     base = mem.live
     mem.reset_peak()
-    logp, ent = linear_logprobs_chunked(h, w, targets, True)
+    logp, ent = linear_logprobs(h, w, targets, True)
     (logp.sum() + ent.sum()).backward()
     peak = mem.peak - base
     del logp, ent, h
